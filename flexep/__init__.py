@@ -1,0 +1,31 @@
+"""flexep: expert-parallel MoE token exchange on any torch.distributed backend.
+
+``import flexep as deep_ep`` gives DeepEP V1's ``Buffer`` API on NCCL, HCCL or Gloo.
+"""
+
+from . import autograd, utils
+from .buffer import Buffer, topk_idx_t
+from .config import Config
+from .errors import (
+                     BrokenCommunicatorError,
+                     CapacityError,
+                     CommTimeoutError,
+                     ConservationError,
+                     FlexepRuntimeError,
+                     PeerFailureError,
+                     RankMismatchError,
+                     RemoteInputError,
+)
+from .event import EventHandle, EventOverlap
+from .normal import NormalHandle
+from .topology import Topology
+from .transport import TrafficStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "Topology", "TrafficStats",
+    "topk_idx_t", "autograd", "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError",
+    "RankMismatchError", "RemoteInputError", "CapacityError", "BrokenCommunicatorError",
+    "ConservationError", "__version__",
+]

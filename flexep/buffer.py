@@ -1,0 +1,463 @@
+"""``Buffer``: DeepEP V1's ``deep_ep.Buffer`` API on any ``torch.distributed`` backend.
+
+``import flexep as deep_ep`` works for DeepEP callers. The facade only translates DeepEP's calling
+convention; the algorithms live in :mod:`flexep.normal`, :mod:`flexep.hierarchical` and
+:mod:`flexep.low_latency`, the wire protocol in :mod:`flexep.protocol` and
+:mod:`flexep.transport`.
+
+Every public call is collective over the group (like DeepEP's). Each one:
+
+1. validates its inputs locally (``ValueError``/``TypeError`` naming the argument);
+2. runs the header round, so a bad input, a mismatched argument or a skipped call on *any* rank
+   raises on *every* rank instead of hanging or corrupting;
+3. moves data under one deadline (``timeout``), reporting the ranks not heard from on failure.
+
+Shape legend: T tokens, H hidden, K top-k, E experts, W ranks, L = E / W local experts,
+M received tokens, N nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _validate as V
+from . import normal
+from .accounting import minimum_bytes
+from .config import Config, combine_config, dispatch_config
+from .event import EventHandle, EventOverlap
+from .layout import compute_layout
+from .protocol import dtype_code, header_round
+from .topology import Topology, build_topology_groups, resolve_ranks_per_node
+from .transport import TrafficStats, Transport
+
+__all__ = ["Buffer", "topk_idx_t"]
+
+topk_idx_t = torch.int64
+XLike = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class Buffer:
+    """Expert-parallel communication buffer over a process group (DeepEP V1 compatible).
+
+    Args (DeepEP's, in DeepEP's order):
+        group: the EP ``ProcessGroup``; every rank of it must construct the ``Buffer``.
+        num_nvl_bytes, num_rdma_bytes: DeepEP's buffer sizes; validated (``>= 0``, multiples
+            of 128). flexep allocates per call, so in normal mode they only document intent;
+            in low-latency mode ``num_rdma_bytes`` must cover
+            :meth:`get_low_latency_rdma_size_hint`, as in DeepEP.
+        low_latency_mode: enable the low-latency API.
+        num_qps_per_rank: accepted for compatibility (RDMA queue pairs have no meaning on
+            ``torch.distributed``; use ``num_channels``).
+        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, enable_shrink: accepted,
+            no effect (transport choice belongs to the backend).
+        explicitly_destroy: if True, :meth:`destroy` must be called (as DeepEP).
+        comm: mpi4py communicators are not supported; pass ``group``.
+
+    flexep options (keyword only):
+        ranks_per_node: node shape for hierarchical exchange (default: torchrun's
+            ``LOCAL_WORLD_SIZE``, ``FLEXEP_RANKS_PER_NODE`` or hostnames). Smaller values make
+            "virtual nodes" on one machine.
+        hierarchical: use the two-level algorithm when the group spans several nodes (default
+            True); False forces the flat algorithm, for comparison.
+        num_channels: split every exchange into this many concurrent channels (own process
+            groups; on NCCL/HCCL separate communicators and streams, on Gloo separate TCP pairs).
+        timeout: seconds a call may wait in total before raising
+            :class:`~flexep.errors.CommTimeoutError` naming the silent ranks (default 100, as
+            DeepEP's timeouts; ``FLEXEP_TIMEOUT`` overrides).
+        check_consistency: run the cross-rank agreement checks in the header round (default
+            True; costs one tiny all-gather on calls that would not need it).
+        validate: check tensor contents (``topk_idx`` range, duplicates); costs a device sync
+            on accelerators.
+        verify: checksum every exchange and raise on any lost or altered row (default off, or
+            ``FLEXEP_VERIFY=1``).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0,
+                 num_rdma_bytes: int = 0, low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm: Optional[object] = None, *,
+                 ranks_per_node: Optional[int] = None, hierarchical: bool = True,
+                 num_channels: int = 1, timeout: Optional[float] = None,
+                 check_consistency: bool = True, validate: bool = True,
+                 verify: Optional[bool] = None,
+                 _fault_hook: Optional[Callable[[str], None]] = None) -> None:
+        if group is None:
+            if comm is not None:
+                raise ValueError("flexep runs on torch.distributed: pass a ProcessGroup as group "
+                                 "(mpi4py communicators are not supported)")
+            raise ValueError("group must be a torch.distributed ProcessGroup, got None")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+        V.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0, multiple=128)
+        V.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0, multiple=128)
+        V.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+        V.check_int("num_channels", num_channels, minimum=1)
+        if timeout is None:
+            timeout = float(os.environ.get("FLEXEP_TIMEOUT", "100"))
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if verify is None:
+            verify = os.environ.get("FLEXEP_VERIFY", "0") not in ("", "0")
+
+        self.group = group
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = bool(enable_shrink)
+        self.check_consistency = bool(check_consistency)
+        self.validate = bool(validate)
+        self.num_channels = num_channels
+        self.runtime: Optional[Transport] = None
+
+        self.topology = Topology(self.group_size, resolve_ranks_per_node(group, ranks_per_node))
+        self.hierarchical = bool(hierarchical) and self.topology.is_multi_node
+        channel_groups = {"ep": [dist.new_group(dist.get_process_group_ranks(group))
+                                 for _ in range(num_channels - 1)]}
+        self._topo_groups = None
+        if self.hierarchical:
+            self._topo_groups = build_topology_groups(group, self.topology)
+        tp = Transport(group, self.topology, float(timeout), channel_groups, _fault_hook, 0, bool(verify))
+        # One all-gather: a shared id for this Buffer (names its store keys) and a check that
+        # every rank built it the same way.
+        mine = torch.tensor([random.getrandbits(62), self.topology.ranks_per_node, num_channels,
+                             int(self.low_latency_mode), int(self.hierarchical)], dtype=torch.int64)
+        tp.begin("init")
+        table = tp.all_gather("init", mine)
+        for col, name in enumerate(("ranks_per_node", "num_channels", "low_latency_mode",
+                                    "hierarchical"), start=1):
+            if len(set(table[:, col].tolist())) > 1:
+                raise ValueError(f"Buffer: ranks disagree on {name}: {table[:, col].tolist()}")
+        tp.uid = int(table[0, 0])
+        self.uid = tp.uid
+        self.runtime = tp
+        self._ll_state = None
+
+    # ---- DeepEP class/static helpers -------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: FP8 paths are available on every backend (moved as bytes)."""
+        return True
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        """Set the class-wide SM count used by the default configs (must be even)."""
+        V.check_int("new_num_sms", new_num_sms, minimum=0)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be even, got {new_num_sms}")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream, to pass as ``previous_event``."""
+        dev = torch.device("cuda") if torch.cuda.is_available() else None
+        return EventOverlap(EventHandle(dev))
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's tuned dispatch config for ``num_ranks`` with ``Buffer.num_sms``."""
+        return dispatch_config(V.check_int("num_ranks", num_ranks, minimum=1), Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's tuned combine config for ``num_ranks`` with ``Buffer.num_sms``."""
+        return combine_config(V.check_int("num_ranks", num_ranks, minimum=1), Buffer.num_sms)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the buffer (requires ``explicitly_destroy=True``). Never blocks on peers."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True)")
+        self.runtime = None
+
+    def get_comm_stream(self):
+        """The stream communication runs on: the current device stream, ``None`` on CPU."""
+        return torch.cuda.current_stream() if torch.cuda.is_available() else None
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """Not available: flexep has no registered symmetric buffer to expose."""
+        raise NotImplementedError("flexep allocates per call and has no raw NVL/RDMA buffer to view")
+
+    def _tp(self, op: str) -> Transport:
+        if self.runtime is None:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+        self.runtime.begin(op)
+        return self.runtime
+
+    @property
+    def last_traffic(self) -> TrafficStats:
+        """Bytes the last call on this rank sent per link class, next to the routing's minimum."""
+        if self.runtime is None:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+        return self.runtime.stats
+
+    @staticmethod
+    def _event(async_finish: bool, tensors) -> EventOverlap:
+        if not async_finish:
+            return EventOverlap(None)
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+        return EventOverlap(EventHandle(device), extra_tensors=tuple(
+            t for t in tensors if isinstance(t, torch.Tensor)))
+
+    # ---- normal mode -----------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False
+                            ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor,
+                                       EventOverlap]:
+        """Counts for dispatching ``topk_idx: [T, K] int64`` (``-1`` = unused slot). Local only.
+
+        Returns:
+            num_tokens_per_rank: ``[W] int32``, distinct tokens with an expert on each rank.
+            num_tokens_per_rdma_rank: ``[N] int32`` per node, or None on a single node.
+            num_tokens_per_expert: ``[E] int32``.
+            is_token_in_rank: ``[T, W] bool``.
+            event: ``EventOverlap`` (holds an event only with ``async_finish``).
+        """
+        V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+        V.check_num_experts(num_experts, self.group_size)
+        topk_idx = V.check_topk_idx(topk_idx, None, num_experts, values=self.validate)
+        lay = compute_layout(topk_idx, num_experts, self.group_size, self.topology.ranks_per_node)
+        return (lay.num_tokens_per_rank, lay.num_tokens_per_node, lay.num_tokens_per_expert,
+                lay.is_token_in_rank, self._event(async_finish, [lay.is_token_in_rank]))
+
+    def dispatch(self, x: XLike, handle: Optional[normal.NormalHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False
+                 ) -> Tuple[XLike, Optional[torch.Tensor], Optional[torch.Tensor], Optional[List[int]],
+                            normal.NormalHandle, EventOverlap]:
+        """Send each token once to every rank holding one of its experts.
+
+        Args:
+            x: ``[T, H]`` bf16/fp16/fp32, or ``(e4m3 [T, H], scales [T, H/128] float32)``
+                (scales may be packed UE8M0 ``[T, H/512] int32`` and have any strides).
+            handle: from a previous dispatch: cached dispatch of ``x`` along the same routing
+                (``topk_idx``/``topk_weights`` must then be None).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+            num_tokens_per_expert: from :meth:`get_dispatch_layout`.
+            topk_idx: ``[T, K] int64`` global expert ids, ``-1`` unused; optional, with
+                ``topk_weights: [T, K] float32``.
+            expert_alignment: round each returned per-expert count up to this multiple.
+            num_worst_tokens: if > 0, every output has exactly this many rows (extra rows zero,
+                ``recv_topk_idx`` -1) and the count list is ``[]``; needs ``topk_idx``.
+            config: DeepEP ``Config`` (performance only; its ``num_sms`` sets the handle's
+                channel-matrix width).
+
+        Returns:
+            recv_x: ``[M, H]`` (or the FP8 tuple with row-major scales), rows grouped by source
+                rank in rank order, source token order inside each rank.
+            recv_topk_idx: ``[M, K] int64`` local expert ids, ``-1`` for experts elsewhere.
+            recv_topk_weights: ``[M, K] float32``, 0 where ``recv_topk_idx`` is -1.
+            num_recv_tokens_per_expert_list: ``[L]`` python ints, aligned; None when cached.
+            handle: :class:`~flexep.normal.NormalHandle` for combine / cached dispatch.
+            event: ``EventOverlap``.
+        """
+        if handle is not None:
+            return self._cached_dispatch(x, handle, topk_idx, topk_weights, config, previous_event,
+                                         async_finish, allocate_on_comm_stream)
+        tp = self._tp("dispatch")
+        error, data, scales, num_experts, config_ = None, None, None, -1, None
+        try:
+            V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            data, scales = V.split_x(x)
+            num_tokens = data.size(0)
+            V.check_tensor("num_tokens_per_expert", num_tokens_per_expert, dim=1,
+                           dtypes=(torch.int32, torch.int64))
+            num_experts = V.check_num_experts(num_tokens_per_expert.numel(), self.group_size,
+                                              name="num_tokens_per_expert.numel()")
+            V.check_tensor("num_tokens_per_rank", num_tokens_per_rank, dim=1,
+                           dtypes=(torch.int32, torch.int64))
+            if num_tokens_per_rank.numel() != self.group_size:
+                raise ValueError(f"num_tokens_per_rank must be [{self.group_size}], "
+                                 f"got {tuple(num_tokens_per_rank.shape)}")
+            V.check_tensor("is_token_in_rank", is_token_in_rank, dim=2, dtypes=(torch.bool,),
+                           rows=num_tokens)
+            if is_token_in_rank.size(1) != self.group_size:
+                raise ValueError(f"is_token_in_rank must be [{num_tokens}, {self.group_size}], "
+                                 f"got {tuple(is_token_in_rank.shape)}")
+            if (topk_idx is None) != (topk_weights is None):
+                raise ValueError("topk_idx and topk_weights must be given together (or both None)")
+            if topk_idx is not None:
+                topk_idx = V.check_topk_idx(topk_idx, num_tokens, num_experts, values=self.validate)
+                V.check_topk_weights(topk_weights, topk_idx)
+            V.check_int("expert_alignment", expert_alignment, minimum=1)
+            V.check_int("num_worst_tokens", num_worst_tokens, minimum=0)
+            if num_worst_tokens and topk_idx is None:
+                raise ValueError("num_worst_tokens > 0 requires topk_idx and topk_weights")
+            config_ = self._config(config, self.get_dispatch_config)
+            send_counts = is_token_in_rank.sum(0)
+            if self.validate and not torch.equal(send_counts.to(num_tokens_per_rank.dtype),
+                                                 num_tokens_per_rank):
+                raise ValueError("num_tokens_per_rank does not match is_token_in_rank.sum(0): "
+                                 f"got {num_tokens_per_rank.tolist()}, expected {send_counts.tolist()}")
+        except (TypeError, ValueError) as exc:
+            error, send_counts = exc, None
+        header = header_round(
+            tp, "dispatch", error=error, send_counts=send_counts, check=self.check_consistency,
+            **({} if error else self._agree(data, scales, num_experts, topk_idx)),
+            num_tokens=data.size(0) if data is not None else 0)
+        counts = header.counts
+        if num_worst_tokens and int(counts[:, self.rank].sum()) > num_worst_tokens:
+            raise ValueError(f"num_worst_tokens ({num_worst_tokens}) is smaller than the "
+                             f"{int(counts[:, self.rank].sum())} tokens rank {self.rank} receives")
+        algo = self._normal_algorithm()
+        res = algo.dispatch(tp, data, scales, topk_idx, topk_weights, is_token_in_rank, counts,
+                            header.field("num_tokens"), num_experts, num_worst_tokens,
+                            expert_alignment, num_tokens_per_expert, config_.num_channels, self.uid,
+                            **self._algo_kwargs())
+        self._fill_minimum(res.handle, _row_bytes(data, scales, topk_idx) + 4)
+        recv_x = res.recv_x if scales is None else (res.recv_x, res.recv_scales)
+        event = self._event(async_finish, [res.recv_x])
+        return recv_x, res.recv_topk_idx, res.recv_topk_weights, res.num_recv_tokens_per_expert, \
+            res.handle, event
+
+    def _cached_dispatch(self, x, handle, topk_idx, topk_weights, config, previous_event,
+                         async_finish, allocate_on_comm_stream):
+        tp = self._tp("cached_dispatch")
+        error, data, scales = None, None, None
+        try:
+            V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle=...) takes no topk_idx/topk_weights")
+            self._check_handle(handle)
+            data, scales = V.split_x(x)
+            if data.size(0) != handle.num_tokens:
+                raise ValueError(f"x must have {handle.num_tokens} rows (the handle's tokens), "
+                                 f"got {tuple(data.shape)}")
+            self._config(config, self.get_dispatch_config)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.check_consistency or error is not None:
+            header_round(tp, "cached_dispatch", error=error, check=self.check_consistency,
+                         **({} if error else self._agree(data, scales, -2, None)))
+        recv_x, recv_scales = self._normal_algorithm().cached_dispatch(tp, data, scales, handle)
+        self._fill_minimum(handle, _row_bytes(data, scales, None))
+        out = recv_x if scales is None else (recv_x, recv_scales)
+        return out, None, None, None, None, self._event(async_finish, [recv_x])
+
+    def combine(self, x: torch.Tensor, handle: normal.NormalHandle,
+                topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Return every received row to its source and sum per original token.
+
+        Args:
+            x: ``[M, H]`` bf16/fp16/fp32, row i is this rank's result for its i-th received token
+                (``M`` = the handle's rows, ``num_worst_tokens`` if that was used).
+            handle: from :meth:`dispatch`.
+            topk_weights: optional ``[M, K] float32``, summed the same way.
+            bias: None, ``[T, H]`` or a pair of ``[T, H]`` tensors (dtype of ``x``) added once.
+
+        Returns:
+            combined_x: ``[T, H]`` dtype of ``x``: for token t, ``sum(bias) + sum over the ranks
+                that received t of their row`` (unweighted), accumulated in float32.
+            combined_topk_weights: ``[T, K] float32`` or None, summed the same way.
+            event: ``EventOverlap``.
+        """
+        tp = self._tp("combine")
+        error, biases = None, ()
+        try:
+            V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            self._check_handle(handle)
+            V.check_tensor("x", x, dim=2, dtypes=V.FLOAT_DTYPES, rows=handle.num_rows)
+            if x.size(1) != handle.hidden:
+                raise ValueError(f"x must be [{handle.num_rows}, {handle.hidden}] (hidden of the "
+                                 f"dispatch), got {tuple(x.shape)}")
+            if topk_weights is not None:
+                V.check_tensor("topk_weights", topk_weights, dim=2, dtypes=(torch.float32,),
+                               rows=handle.num_rows)
+            biases = self._unpack_bias(bias)
+            for i, b in enumerate(biases):
+                V.check_tensor(f"bias[{i}]", b, dim=2, dtypes=(x.dtype,), rows=handle.num_tokens)
+                if b.size(1) != x.size(1):
+                    raise ValueError(f"bias[{i}] must be [{handle.num_tokens}, {x.size(1)}], "
+                                     f"got {tuple(b.shape)}")
+            self._config(config, self.get_combine_config)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.check_consistency or error is not None:
+            header_round(tp, "combine", error=error, check=self.check_consistency,
+                         **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
+                                                  has_weights=int(topk_weights is not None))))
+        out, w = self._normal_algorithm().combine(tp, x, handle, topk_weights, biases)
+        self._fill_minimum(handle, _row_bytes(x, None, topk_weights), reverse=True)
+        return out, w, self._event(async_finish, [out])
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _unpack_bias(bias) -> tuple:
+        if bias is None:
+            return ()
+        if isinstance(bias, torch.Tensor):
+            return (bias,)
+        if isinstance(bias, (tuple, list)) and len(bias) == 2:
+            return tuple(b for b in bias if b is not None)
+        raise TypeError(f"bias must be None, a tensor or a pair of tensors, got {type(bias).__name__}")
+
+    def _config(self, config, default) -> Config:
+        if config is None:
+            return default(self.group_size)
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a flexep.Config, got {type(config).__name__}")
+        return config
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, normal.NormalHandle):
+            raise TypeError(f"handle must be the handle returned by Buffer.dispatch, got "
+                            f"{type(handle).__name__}")
+        if handle.buffer_uid != self.uid:
+            raise ValueError("handle was produced by another Buffer; combine and cached dispatch "
+                             "must use the Buffer that dispatched")
+
+    @staticmethod
+    def _agree(data, scales, num_experts, topk_idx) -> dict:
+        """Header fields that must be equal on every rank."""
+        return dict(hidden=data.size(1), x_dtype=dtype_code(data.dtype),
+                    num_scales=scales.size(1) if scales is not None else -1,
+                    scale_dtype=dtype_code(scales.dtype if scales is not None else None),
+                    num_experts=num_experts,
+                    num_topk=topk_idx.size(1) if topk_idx is not None else -1)
+
+    def _normal_algorithm(self):
+        if self.hierarchical:
+            from . import hierarchical
+            return hierarchical
+        return normal
+
+    def _algo_kwargs(self) -> dict:
+        return {"groups": self._topo_groups} if self.hierarchical else {}
+
+    def _fill_minimum(self, handle, row_bytes: int, reverse: bool = False) -> None:
+        """Record the routing's minimum bytes per link class next to what was sent."""
+        self.runtime.stats.minimum = minimum_bytes(handle, self.topology, self.rank, row_bytes,
+                                                   reverse)
+
+
+def _row_bytes(data: torch.Tensor, scales: Optional[torch.Tensor], topk: Optional[torch.Tensor]) -> int:
+    """Bytes one token row carries: data, scales, and top-k ids (8 B) + weights (4 B) per slot."""
+    row = data.size(1) * data.element_size()
+    if scales is not None:
+        row += scales.size(1) * scales.element_size()
+    if topk is not None:
+        row += topk.size(1) * (12 if topk.dtype == torch.int64 else 4)
+    return row

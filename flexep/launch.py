@@ -1,0 +1,123 @@
+"""Run a function on N local ranks (Gloo on CPU), with a deadline and clean shutdown.
+
+Used by ``flexep bench``/``stress``, the examples and the tests. Each rank is a spawned process
+that joins a Gloo group on a free localhost port, runs ``fn(rank, world_size, *args)`` and sends
+back its return value. The parent enforces ``timeout`` on the whole run, kills stragglers, and
+re-raises the first worker failure with that worker's traceback, so a broken run never hangs.
+Under ``torchrun`` use :func:`init_from_env` instead and call the function directly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_local", "free_port", "init_from_env", "WorkerError"]
+
+
+class WorkerError(RuntimeError):
+    """A rank of :func:`run_local` failed; the message holds its traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, results,
+            pg_timeout: float, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=pg_timeout))
+        out = ("ok", fn(rank, world, *args))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
+        out = ("error", traceback.format_exc())
+    try:
+        payload = pickle.dumps(out)
+    except Exception:  # noqa: BLE001 - an unpicklable result is itself a reportable failure
+        payload = pickle.dumps(("error", traceback.format_exc()))
+    results.put((rank, payload))
+    # A worker that exits while its queue feeder still holds data loses it: flush first.
+    results.close()
+    results.join_thread()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
+            pass
+
+
+def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, timeout: float = 300.0,
+              pg_timeout: Optional[float] = None, env: Optional[dict] = None,
+              allow_failures: bool = False) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` Gloo ranks; return results by rank.
+
+    ``fn`` must be importable (module level). With ``allow_failures`` a failed or killed rank
+    yields a :class:`WorkerError` in its slot instead of raising (for fault-injection tests).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    pg_timeout = pg_timeout if pg_timeout is not None else max(timeout, 60.0)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout,
+                                               dict(env or {})), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world_size and time.monotonic() < deadline:
+            try:
+                rank, payload = results.get(timeout=0.2)
+                out[rank] = pickle.loads(payload)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
+                if dead and all(r in out or procs[r].exitcode is not None for r in range(world_size)):
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        results.close()
+    slots = []
+    for r in range(world_size):
+        if r in out and out[r][0] == "ok":
+            slots.append(out[r][1])
+            continue
+        if r in out:
+            err = WorkerError(f"rank {r} failed:\n{out[r][1]}")
+        elif time.monotonic() >= deadline:
+            err = WorkerError(f"rank {r} did not finish within {timeout:g} s (killed)")
+        else:
+            err = WorkerError(f"rank {r} exited with code {procs[r].exitcode} without a result")
+        if not allow_failures:
+            raise err
+        slots.append(err)
+    return slots
+
+
+def init_from_env(backend: Optional[str] = None) -> None:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...)."""
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)

@@ -1,0 +1,248 @@
+"""Uneven all-to-all over a process group, with deadlines, channels and byte accounting.
+
+Every exchange flexep makes goes through :class:`Transport`. It owns three concerns the
+algorithms must not care about:
+
+* **Deadlines.** Each public call gets one deadline (``Buffer(timeout=...)``); every wait uses
+  the time left. A failed or late wait is turned into :class:`~flexep.errors.CommTimeoutError` or
+  :class:`~flexep.errors.PeerFailureError` naming the peers not heard from, found by a short roll
+  call through the group's rendezvous store. The group is then marked broken: later calls raise
+  :class:`~flexep.errors.BrokenCommunicatorError` at once instead of waiting on a poisoned group.
+* **Channels.** With ``num_channels = C > 1`` each peer's block of rows is cut into C contiguous
+  row ranges that travel on C process groups concurrently (point-to-point, zero copy). With one
+  channel a single ``all_to_all_single`` is used, the fastest primitive on Gloo and NCCL.
+* **Verification.** With ``verify=True`` every payload exchange is followed by a checksum
+  round (:mod:`flexep.verify`) that raises on every rank if any pair lost or altered rows.
+* **Accounting.** Bytes sent to every peer are recorded and classified by link
+  (local / intra-node / inter-node) into a :class:`TrafficStats`.
+
+Gloo has no float8 type, so tensors are moved as same-size integer views (:func:`wire_view`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ._dtypes import wire_view
+from .errors import BrokenCommunicatorError, CommTimeoutError, FlexepRuntimeError, PeerFailureError
+from .topology import Topology
+from .verify import block_checksums, check_exchange
+
+__all__ = ["Transport", "TrafficStats", "wire_view", "LINK_CLASSES"]
+
+LINK_CLASSES = ("local", "intra", "inter")
+
+@dataclass
+class TrafficStats:
+    """Bytes moved by one call, per link class, next to the minimum the routing allows.
+
+    ``sent`` counts every byte this rank handed to the transport for a peer (payload and the
+    small control messages); ``payload`` counts token data only. ``minimum`` is filled by the
+    algorithm from the routing alone (each token once per destination rank, or once per
+    destination node across the network in hierarchical mode).
+    """
+
+    sent: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
+    payload: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
+    minimum: dict = field(default_factory=lambda: dict.fromkeys(LINK_CLASSES, 0))
+    messages: int = 0
+
+    def ratio(self, link: str = "all") -> float:
+        """Payload bytes over the minimum for ``link`` (``"all"`` sums intra and inter)."""
+        keys = ("intra", "inter") if link == "all" else (link,)
+        got, low = sum(self.payload[k] for k in keys), sum(self.minimum[k] for k in keys)
+        return got / low if low else (1.0 if got == 0 else float("inf"))
+
+
+class Transport:
+    """Exchanges over one EP group. Not thread-safe; one per ``Buffer``.
+
+    Args:
+        group: the EP process group.
+        topo: its node shape (used to classify links for accounting).
+        timeout: seconds each public call may spend waiting in total.
+        channel_groups: extra groups for channels 1..C-1 (channel 0 is ``group``), per role.
+        fault_hook: test-only callable invoked with a phase name at each phase boundary.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, topo: Topology, timeout: float,
+                 channel_groups: Optional[dict] = None,
+                 fault_hook: Optional[Callable[[str], None]] = None, uid: int = 0,
+                 verify: bool = False) -> None:
+        self.group = group
+        self.rank = group.rank()
+        self.world = group.size()
+        self.topo = topo
+        self.timeout = float(timeout)
+        self.channel_groups = channel_groups or {}
+        self.fault_hook = fault_hook
+        self.uid = uid
+        self.verify = verify
+        self.broken: Optional[BaseException] = None
+        self.seq = 0
+        self.op = ""
+        self._deadline = float("inf")
+        self.stats = TrafficStats()
+        self._global = dist.get_process_group_ranks(group)
+
+    # ---- call lifecycle -------------------------------------------------------------------
+    def begin(self, op: str) -> int:
+        """Start a public call: check the group is healthy, set its deadline, reset stats."""
+        if self.broken is not None:
+            raise BrokenCommunicatorError(
+                f"the EP group is unusable after an earlier failure ({self.broken}); "
+                "destroy this Buffer, rebuild the process group and create a new Buffer",
+                op=op, seq=self.seq + 1) from self.broken
+        self.seq += 1
+        self.op = op
+        self._deadline = time.monotonic() + self.timeout
+        self.stats = TrafficStats()
+        return self.seq
+
+    def fault_point(self, phase: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(phase)
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+    # ---- collectives ----------------------------------------------------------------------
+    def all_gather(self, phase: str, t: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                   members: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """All-gather a small 1-D tensor: ``[F] -> [G, F]`` (G = size of ``group``)."""
+        group = group or self.group
+        members = members or list(range(self.world))
+        # Gloo wants a flat output: G chunks shaped like the input.
+        out = t.new_empty(len(members) * t.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out, t.contiguous(), group=group, async_op=True)
+        me = members.index(self.rank)
+        for i, peer in enumerate(members):
+            if i != me:
+                self._account(peer, t.numel() * t.element_size(), payload=False)
+        self._wait([work], phase, members)
+        return out.view(len(members), t.numel())
+
+    def all_to_all(self, phase: str, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor],
+                   send_counts: Sequence[int], recv_counts: Sequence[int], *,
+                   group: Optional[dist.ProcessGroup] = None, role: str = "ep",
+                   members: Optional[Sequence[int]] = None, payload: bool = True) -> None:
+        """Uneven all-to-all of several row-aligned tensor pairs sharing one split.
+
+        ``sends[i]: [sum(send_counts), ...]`` rows grouped by destination (group rank order);
+        ``recvs[i]: [sum(recv_counts), ...]`` is filled grouped by source. ``members`` maps the
+        ranks of ``group`` to EP ranks (default: ``group`` is the EP group).
+        """
+        group = group or self.group
+        members = list(members) if members is not None else list(range(self.world))
+        me = members.index(self.rank)
+        send_counts, recv_counts = list(send_counts), list(recv_counts)
+        channels = [group] + self.channel_groups.get(role, [])
+        works = []
+        for s, r in zip(sends, recvs):
+            s, r = wire_view(s), wire_view(r)
+            row_bytes = s[0].numel() * s.element_size() if s.dim() > 1 else s.element_size()
+            for i, peer in enumerate(members):
+                self._account(peer, send_counts[i] * row_bytes, payload=payload)
+            if len(channels) == 1:
+                works.append(dist.all_to_all_single(r, s, recv_counts, send_counts, group=group,
+                                                    async_op=True))
+            else:
+                works += self._p2p_channels(s, r, send_counts, recv_counts, channels, me)
+        self._wait(works, phase, members)
+        if self.verify and payload:
+            check_exchange(self, phase, block_checksums(sends, send_counts),
+                           block_checksums(recvs, recv_counts), members, group)
+
+    def _p2p_channels(self, s, r, send_counts, recv_counts, channels, me):
+        """Point-to-point on C groups; channel c carries the c-th contiguous row range per peer."""
+        works = []
+        s_off = [0] + torch.tensor(send_counts).cumsum(0).tolist()
+        r_off = [0] + torch.tensor(recv_counts).cumsum(0).tolist()
+        num = len(channels)
+        for i in range(len(send_counts)):
+            if i == me:
+                r[r_off[i]:r_off[i + 1]].copy_(s[s_off[i]:s_off[i + 1]])
+                continue
+            for c, g in enumerate(channels):
+                lo, hi = _chunk(recv_counts[i], num, c)
+                if hi > lo:
+                    works.append(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g, group_src=i))
+                lo, hi = _chunk(send_counts[i], num, c)
+                if hi > lo:
+                    works.append(dist.isend(s[s_off[i] + lo:s_off[i] + hi], group=g, group_dst=i))
+        return works
+
+    # ---- failure handling -----------------------------------------------------------------
+    def _account(self, peer: int, nbytes: int, payload: bool) -> None:
+        link = self.topo.link_class(self.rank, peer)
+        self.stats.sent[link] += nbytes
+        if payload:
+            self.stats.payload[link] += nbytes
+        if link != "local" and nbytes:
+            self.stats.messages += 1
+
+    def _wait(self, works, phase: str, members: Sequence[int]) -> None:
+        try:
+            for w in works:
+                left = self.remaining()
+                if left <= 0:
+                    raise TimeoutError("deadline passed before the wait started")
+                w.wait(timeout=timedelta(seconds=left))
+        except Exception as exc:  # noqa: BLE001 - every backend error is re-raised, typed
+            raise self._failure(phase, exc, members) from exc
+        self.fault_point(f"after_{phase}")
+
+    def _failure(self, phase: str, exc: BaseException, members: Sequence[int]) -> FlexepRuntimeError:
+        """Classify a failed wait, name the peers not heard from, and poison the transport."""
+        text = str(exc)
+        timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
+        missing = self._roll_call(members)
+        who = f"rank(s) {missing}" if missing else "no rank identified (all answered the roll call)"
+        kind = CommTimeoutError if timed_out else PeerFailureError
+        what = f"timed out after {self.timeout:g} s" if timed_out else "lost a peer"
+        err = kind(f"rank {self.rank} {what}; not heard from: {who}; backend said: {text.strip()[:300]}",
+                   op=self.op, phase=phase, seq=self.seq, ranks=missing)
+        self.broken = err
+        return err
+
+    def _roll_call(self, members: Sequence[int]) -> list[int]:
+        """EP ranks among ``members`` that do not answer through the rendezvous store.
+
+        Survivors of a failed exchange each post a key and wait a short window for the others;
+        a dead or frozen peer never posts. If the store itself is gone, its host (global rank 0)
+        is the one not heard from.
+        """
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - no store means no evidence, not a new failure
+            return []
+        prefix = f"flexep/{self.uid}/rollcall/{self.seq}/"
+        window = min(5.0, max(1.0, self.timeout / 4))
+        try:
+            store.set(prefix + str(self.rank), "1")
+            end = time.monotonic() + window
+            missing = [p for p in members if p != self.rank]
+            while missing and time.monotonic() < end:
+                missing = [p for p in missing if not store.check([prefix + str(p)])]
+                if missing:
+                    time.sleep(0.05)
+            return missing
+        except Exception:  # noqa: BLE001 - the store died with its host process
+            host = self._global.index(0) if 0 in self._global else None
+            return [host] if host is not None and host != self.rank else []
+
+
+def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Row range of part ``i`` when ``n`` rows are cut into ``parts`` contiguous ranges.
+
+    Example: n = 5, parts = 2 -> part 0 is ``(0, 3)``, part 1 is ``(3, 5)``.
+    """
+    size = (n + parts - 1) // parts
+    return min(n, i * size), min(n, (i + 1) * size)
