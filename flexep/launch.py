@@ -9,8 +9,8 @@ Under ``torchrun`` use :func:`init_from_env` instead and call the function direc
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import queue
 import socket
 import time
@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _dumps(obj) -> bytes:
+    # torch.save, not pickle: it handles every dtype (float8 included) and copies the bytes
+    # instead of handing over shared-memory segments that die with the worker.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, results,
             pg_timeout: float, env: dict) -> None:
     os.environ.update(env)
@@ -48,9 +60,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, resu
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         out = ("error", traceback.format_exc())
     try:
-        payload = pickle.dumps(out)
+        payload = _dumps(out)
     except Exception:  # noqa: BLE001 - an unpicklable result is itself a reportable failure
-        payload = pickle.dumps(("error", traceback.format_exc()))
+        payload = _dumps(("error", traceback.format_exc()))
     results.put((rank, payload))
     # A worker that exits while its queue feeder still holds data loses it: flush first.
     results.close()
@@ -85,7 +97,7 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, t
         while len(out) < world_size and time.monotonic() < deadline:
             try:
                 rank, payload = results.get(timeout=0.2)
-                out[rank] = pickle.loads(payload)
+                out[rank] = _loads(payload)
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
                 if dead and all(r in out or procs[r].exitcode is not None for r in range(world_size)):

@@ -18,6 +18,7 @@ provides the ``[W, W]`` count matrix; these functions only move data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -105,7 +106,9 @@ class DispatchResult:
 def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate row-aligned tensors ``[R, ...]`` of any dtypes into one ``[R, B] uint8``."""
     rows = parts[0].size(0)
-    return torch.cat([wire_view(p.contiguous()).reshape(rows, -1).view(torch.uint8) for p in parts], 1)
+    # Explicit widths: reshape(rows, -1) is ambiguous when there are no rows.
+    return torch.cat([wire_view(p.contiguous()).reshape(rows, math.prod(p.shape[1:])).view(torch.uint8)
+                      for p in parts], 1)
 
 
 def unpack_rows(buf: torch.Tensor, specs: Sequence[tuple]) -> list[torch.Tensor]:
@@ -113,7 +116,8 @@ def unpack_rows(buf: torch.Tensor, specs: Sequence[tuple]) -> list[torch.Tensor]
     out, col = [], 0
     for dtype, cols in specs:
         nbytes = cols * torch.empty((), dtype=dtype).element_size()
-        out.append(buf[:, col:col + nbytes].contiguous().view(dtype))
+        # clone, not contiguous(): a fresh tensor has an aligned storage offset even for 0 rows.
+        out.append(buf[:, col:col + nbytes].clone(memory_format=torch.contiguous_format).view(dtype))
         col += nbytes
     return out
 

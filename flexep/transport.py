@@ -21,6 +21,7 @@ Gloo has no float8 type, so tensors are moved as same-size integer views (:func:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -147,7 +148,7 @@ class Transport:
         works = []
         for s, r in zip(sends, recvs):
             s, r = wire_view(s), wire_view(r)
-            row_bytes = s[0].numel() * s.element_size() if s.dim() > 1 else s.element_size()
+            row_bytes = math.prod(s.shape[1:]) * s.element_size()
             for i, peer in enumerate(members):
                 self._account(peer, send_counts[i] * row_bytes, payload=payload)
             if len(channels) == 1:
