@@ -1,0 +1,7 @@
+"""``python -m flexep`` is the ``flexep`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
