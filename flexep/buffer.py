@@ -26,10 +26,12 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as V
-from . import normal
+from . import hierarchical, low_latency, normal
 from .accounting import minimum_bytes
 from .config import Config, combine_config, dispatch_config
+from .errors import CapacityError
 from .event import EventHandle, EventOverlap
+from .hierarchical import node_membership
 from .layout import compute_layout
 from .protocol import dtype_code, header_round
 from .topology import Topology, build_topology_groups, resolve_ranks_per_node
@@ -128,6 +130,9 @@ class Buffer:
         self._topo_groups = None
         if self.hierarchical:
             self._topo_groups = build_topology_groups(group, self.topology)
+            extra = [build_topology_groups(group, self.topology) for _ in range(num_channels - 1)]
+            channel_groups["intra"] = [g.intra for g in extra]
+            channel_groups["rail"] = [g.rail for g in extra]
         tp = Transport(group, self.topology, float(timeout), channel_groups, _fault_hook, 0, bool(verify))
         # One all-gather: a shared id for this Buffer (names its store keys) and a check that
         # every rank built it the same way.
@@ -289,14 +294,15 @@ class Buffer:
                 raise ValueError(f"num_tokens_per_rank must be [{self.group_size}], "
                                  f"got {tuple(num_tokens_per_rank.shape)}")
             V.check_tensor("is_token_in_rank", is_token_in_rank, dim=2, dtypes=(torch.bool,),
-                           rows=num_tokens)
+                           rows=num_tokens, device=data.device)
             if is_token_in_rank.size(1) != self.group_size:
                 raise ValueError(f"is_token_in_rank must be [{num_tokens}, {self.group_size}], "
                                  f"got {tuple(is_token_in_rank.shape)}")
             if (topk_idx is None) != (topk_weights is None):
                 raise ValueError("topk_idx and topk_weights must be given together (or both None)")
             if topk_idx is not None:
-                topk_idx = V.check_topk_idx(topk_idx, num_tokens, num_experts, values=self.validate)
+                topk_idx = V.check_topk_idx(topk_idx, num_tokens, num_experts, values=self.validate,
+                                            device=data.device)
                 V.check_topk_weights(topk_weights, topk_idx)
             V.check_int("expert_alignment", expert_alignment, minimum=1)
             V.check_int("num_worst_tokens", num_worst_tokens, minimum=0)
@@ -304,25 +310,28 @@ class Buffer:
                 raise ValueError("num_worst_tokens > 0 requires topk_idx and topk_weights")
             config_ = self._config(config, self.get_dispatch_config)
             send_counts = is_token_in_rank.sum(0)
+            node_counts = None
+            if self.hierarchical:
+                node_counts = node_membership(is_token_in_rank, self.topology.ranks_per_node).sum(0)
             if self.validate and not torch.equal(send_counts.to(num_tokens_per_rank.dtype),
                                                  num_tokens_per_rank):
                 raise ValueError("num_tokens_per_rank does not match is_token_in_rank.sum(0): "
                                  f"got {num_tokens_per_rank.tolist()}, expected {send_counts.tolist()}")
         except (TypeError, ValueError) as exc:
-            error, send_counts = exc, None
+            error, send_counts, node_counts = exc, None, None
         header = header_round(
             tp, "dispatch", error=error, send_counts=send_counts, check=self.check_consistency,
+            extra_width=self.topology.num_nodes if self.hierarchical else 0, extra=node_counts,
             **({} if error else self._agree(data, scales, num_experts, topk_idx)),
-            num_tokens=data.size(0) if data is not None else 0)
+            num_tokens=data.size(0) if data is not None else 0,
+            num_worst_tokens=num_worst_tokens if error is None else 0)
         counts = header.counts
-        if num_worst_tokens and int(counts[:, self.rank].sum()) > num_worst_tokens:
-            raise ValueError(f"num_worst_tokens ({num_worst_tokens}) is smaller than the "
-                             f"{int(counts[:, self.rank].sum())} tokens rank {self.rank} receives")
+        _check_worst_tokens(tp, header)
         algo = self._normal_algorithm()
         res = algo.dispatch(tp, data, scales, topk_idx, topk_weights, is_token_in_rank, counts,
                             header.field("num_tokens"), num_experts, num_worst_tokens,
                             expert_alignment, num_tokens_per_expert, config_.num_channels, self.uid,
-                            **self._algo_kwargs())
+                            **self._algo_kwargs(header))
         self._fill_minimum(res.handle, _row_bytes(data, scales, topk_idx) + 4)
         recv_x = res.recv_x if scales is None else (res.recv_x, res.recv_scales)
         event = self._event(async_finish, [res.recv_x])
@@ -349,7 +358,7 @@ class Buffer:
             header_round(tp, "cached_dispatch", error=error, check=self.check_consistency,
                          **({} if error else self._agree(data, scales, -2, None)))
         recv_x, recv_scales = self._normal_algorithm().cached_dispatch(tp, data, scales, handle)
-        self._fill_minimum(handle, _row_bytes(data, scales, None))
+        self._fill_minimum(handle, _row_bytes(data, scales, None), cached=True)
         out = recv_x if scales is None else (recv_x, recv_scales)
         return out, None, None, None, None, self._event(async_finish, [recv_x])
 
@@ -403,6 +412,276 @@ class Buffer:
         self._fill_minimum(handle, _row_bytes(x, None, topk_weights), reverse=True)
         return out, w, self._event(async_finish, [out])
 
+    # ---- low-latency mode ------------------------------------------------------------------
+    # Fixed-capacity dispatch/combine for decoding; the algorithm is flexep.low_latency. Every
+    # rank must pass the same num_max_dispatch_tokens_per_rank, hidden and num_experts.
+    # Host syncs: the default header round (one tiny all-gather read on the host) makes bad
+    # inputs and mismatched ranks raise on every rank; Buffer(check_consistency=False,
+    # validate=False) skips it and the topk_idx value checks, and then nothing on the path reads
+    # a tensor on the host (CUDA-graph capturable on NCCL). Unlike DeepEP, normal and LL calls
+    # share nothing, so no cleaning is needed between them (clean_low_latency_buffer is accepted),
+    # and results are fresh tensors, so any number of them may be held at once.
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        """DeepEP's minimum ``num_rdma_bytes`` for LL mode, same formula (``num_ranks`` unused).
+
+        Example: ``(128, 7168, 8, 256) -> 1_908_410_496``. flexep allocates per call; the size
+        is enforced so that a configuration that works here also works on DeepEP.
+        """
+        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                            ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+            V.check_int(name, value, minimum=1)
+        return low_latency.rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                          num_experts)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        """DeepEP's reset of the LL signalling buffers. Collective; acts as a barrier.
+
+        flexep keeps no LL state between calls, so there is nothing to clean: the call checks its
+        arguments (as DeepEP's would fail on them) and that every rank makes it. Normal-mode and
+        LL calls on one ``Buffer`` work with or without it.
+        """
+        self._require_low_latency("clean_low_latency_buffer")
+        tp = self._tp("ll_clean")
+        error = None
+        try:
+            V.check_int("hidden", hidden, minimum=1)
+            self._check_ll_size(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        header_round(tp, "ll_clean", error=error, check=self.check_consistency,
+                     **({} if error else dict(capacity=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                                              num_experts=num_experts)))
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False
+                             ) -> Tuple[XLike, torch.Tensor, low_latency.LowLatencyHandle, EventOverlap,
+                                        Optional[Callable[[], None]]]:
+        """Send each token to the experts it chose, into a fixed-capacity per-expert layout.
+
+        Args:
+            x: ``[T, H]`` bf16 (fp16/fp32 accepted), ``T <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: ``[T, K] int64`` global expert ids, ``-1`` = unused slot.
+            num_max_dispatch_tokens_per_rank: M, capacity per rank (equal on all ranks).
+            num_experts: E, divisible by the group size W; L = E / W local experts.
+            cumulative_local_expert_recv_stats: optional ``[L] int32``; ``recv_count`` is added.
+            dispatch_wait_recv_cost_stats: optional ``[W] int64``; accepted, left unchanged (a
+                collective cannot attribute waiting to one source rank).
+            use_fp8: cast to FP8 e4m3 with per-128-channel scales before sending (H % 128 == 0).
+            round_scale: round scales up to powers of two. use_ue8m0: pack them as UE8M0 bytes
+                in int32 (needs ``round_scale`` and H % 512 == 0).
+            async_finish: return an event (already complete on CPU).
+            return_recv_hook: return right after launching the send; calling the hook waits and
+                fills the returned tensors in place (exclusive with ``async_finish``).
+
+        Returns:
+            recv_x: ``[L, W*M, H]`` (x's dtype), or with ``use_fp8`` the tuple ``(e4m3 [L, W*M, H],
+                scales)``: float32 ``[L, W*M, H/128]`` or int32 ``[L, W*M, H/512]`` (UE8M0),
+                strides ``(S*W*M, 1, W*M)`` (token dimension contiguous, as DeepEP). Slots
+                ``[0, recv_count[l])`` are valid, each source rank's tokens one contiguous block,
+                blocks in rank order, tokens in source order; later slots are uninitialised.
+            recv_count: ``[L] int32`` (token, k) entries that chose each local expert.
+            handle: :class:`~flexep.low_latency.LowLatencyHandle`, DeepEP's 5-tuple
+                ``(recv_src_info [L, W*M] int32, recv_layout_range [L, W] int64 (count low 32
+                bits, start slot high 32 bits), M, H, E)``.
+            event: ``EventOverlap``. hook: a callable with ``return_recv_hook``, else None.
+        """
+        self._require_low_latency("low_latency_dispatch")
+        tp = self._tp("ll_dispatch")
+        error = None
+        try:
+            V.check_tensor("x", x, dim=2, dtypes=V.FLOAT_DTYPES)
+            V.check_num_experts(num_experts, self.group_size)
+            topk_idx = V.check_topk_idx(topk_idx, x.size(0), num_experts, values=self.validate)
+            self._check_ll_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                    use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.check_consistency or error is not None:
+            mode = int(use_fp8) | int(round_scale) << 1 | int(use_ue8m0) << 2
+            header_round(tp, "ll_dispatch", error=error, check=self.check_consistency,
+                         **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
+                                                  num_experts=num_experts, num_topk=topk_idx.size(1),
+                                                  capacity=num_max_dispatch_tokens_per_rank, mode=mode,
+                                                  num_tokens=x.size(0))))
+        stats = cumulative_local_expert_recv_stats
+        on_done = None if stats is None else (lambda out: stats.add_(out.recv_count.to(stats.dtype)))
+        pending, index = low_latency.dispatch_send(tp, x, topk_idx, num_max_dispatch_tokens_per_rank,
+                                                   num_experts, use_fp8, round_scale, use_ue8m0, on_done)
+        out = pending.out
+        handle = low_latency.LowLatencyHandle(
+            recv_src_info=out.recv_src_info(), recv_layout_range=out.layout_range,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=x.size(1),
+            num_experts=num_experts, send_index=index, recv_slot=out.recv_slot, topk_idx=topk_idx,
+            num_ranks=self.group_size, buffer_uid=self.uid)
+        recv_x = out.recv_x()
+        hook = pending.finish if return_recv_hook else None
+        if not return_recv_hook:
+            pending.finish()
+        held = [x, topk_idx, out.recv_count, *(recv_x if isinstance(recv_x, tuple) else (recv_x,))]
+        return recv_x, out.recv_count, handle, self._event(async_finish, held), hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: low_latency.LowLatencyHandle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
+        """Weighted sum of each token's expert outputs, back on the token's rank.
+
+        Args:
+            x: ``[L, W*M, H]`` bf16 (fp16/fp32 accepted), expert outputs in the slot layout the
+                dispatch returned; only valid slots are read. Ignored (shape still checked) with
+                ``zero_copy``, which reads :meth:`get_next_low_latency_combine_buffer` instead.
+            topk_idx: ``[T, K] int64``, the routing this rank dispatched (checked equal when
+                ``validate``). topk_weights: ``[T, K] float32``.
+            handle: from :meth:`low_latency_dispatch`.
+            use_logfmt: not supported (``ValueError`` if True); combine sends x's dtype.
+            async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
+            out: optional ``[T, H]`` tensor of x's dtype, written in place and returned.
+            combine_wait_recv_cost_stats: optional ``[W] int64``; accepted, left unchanged.
+
+        Returns:
+            combined_x: ``[T, H]`` x's dtype, ``sum_k topk_weights[t, k] * y(topk_idx[t, k], t)``
+                over slots with ``topk_idx >= 0`` (zeros if none), accumulated in float32.
+            event: ``EventOverlap``. hook: a callable with ``return_recv_hook``, else None.
+        """
+        self._require_low_latency("low_latency_combine")
+        tp = self._tp("ll_combine")
+        error, source = None, None
+        try:
+            source = self._check_ll_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                                            async_finish, return_recv_hook, out,
+                                            combine_wait_recv_cost_stats)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.check_consistency or error is not None:
+            header_round(tp, "ll_combine", error=error, check=self.check_consistency,
+                         **({} if error else dict(hidden=handle.hidden, x_dtype=dtype_code(x.dtype),
+                                                  num_experts=handle.num_experts,
+                                                  num_topk=topk_idx.size(1),
+                                                  capacity=handle.num_max_dispatch_tokens_per_rank,
+                                                  num_tokens=handle.num_tokens)))
+        if out is None:
+            out = torch.empty(handle.num_tokens, handle.hidden, dtype=x.dtype, device=x.device)
+        pending = low_latency.combine_send(tp, source, topk_weights, handle, out)
+        hook = pending.finish if return_recv_hook else None
+        if not return_recv_hook:
+            pending.finish()
+        return out, self._event(async_finish, [x, topk_idx, topk_weights, out]), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: low_latency.LowLatencyHandle) -> torch.Tensor:
+        """The ``[L, W*M, H]`` bf16 tensor ``low_latency_combine(..., zero_copy=True)`` reads.
+
+        Write the expert outputs into it (slot layout of ``handle``) instead of passing them as
+        ``x``. It is contiguous (DeepEP's is a strided view), kept by this ``Buffer`` and reused
+        for every handle of the same shape; combine has read it by the time it returns (even
+        with a receive hook), so it may be refilled right after.
+        """
+        self._require_low_latency("get_next_low_latency_combine_buffer")
+        self._check_ll_handle(handle)
+        shape = (handle.num_local_experts, handle.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        device = handle.recv_src_info.device
+        buf = self._ll_state
+        if buf is None or tuple(buf.shape) != shape or buf.device != device:
+            buf = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            self._ll_state = buf
+        return buf
+
+    def _require_low_latency(self, what: str) -> None:
+        if not self.low_latency_mode:
+            raise ValueError(f"{what} needs a Buffer created with low_latency_mode=True "
+                             "(this one has low_latency_mode=False)")
+
+    def _check_ll_size(self, capacity: int, hidden: int, num_experts: int) -> None:
+        """Capacity and ``num_rdma_bytes`` against DeepEP's size hint (never truncate)."""
+        V.check_int("num_max_dispatch_tokens_per_rank", capacity, minimum=1)
+        V.check_num_experts(num_experts, self.group_size)
+        need = low_latency.rdma_size_hint(capacity, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise CapacityError(
+                f"num_rdma_bytes ({self.num_rdma_bytes}) is smaller than the {need} bytes low-latency "
+                f"mode needs for num_max_dispatch_tokens_per_rank={capacity}, hidden={hidden}, "
+                f"num_experts={num_experts}; create the Buffer with num_rdma_bytes="
+                "Buffer.get_low_latency_rdma_size_hint(...)", op="low_latency")
+
+    def _check_ll_dispatch(self, x, topk_idx, capacity, num_experts, recv_stats, wait_stats,
+                           use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook) -> None:
+        self._check_ll_size(capacity, x.size(1), num_experts)
+        if x.size(0) > capacity:
+            raise CapacityError(
+                f"x has {x.size(0)} tokens, more than num_max_dispatch_tokens_per_rank ({capacity}); "
+                "raise num_max_dispatch_tokens_per_rank (equal on all ranks) or split the batch",
+                op="low_latency_dispatch")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish=True and return_recv_hook=True are mutually exclusive")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0=True requires round_scale=True")
+        multiple = 512 if use_fp8 and use_ue8m0 else 128 if use_fp8 else 1
+        if x.size(1) % multiple:
+            raise ValueError(f"x: hidden ({x.size(1)}) must be a multiple of {multiple} for this "
+                             "FP8 mode (per-128-channel scales, 4 per int32 with UE8M0)")
+        local = num_experts // self.group_size
+        if recv_stats is not None:
+            V.check_tensor("cumulative_local_expert_recv_stats", recv_stats, dim=1,
+                           dtypes=(torch.int32, torch.int64), rows=local)
+        if wait_stats is not None:
+            V.check_tensor("dispatch_wait_recv_cost_stats", wait_stats, dim=1, dtypes=(torch.int64,),
+                           rows=self.group_size)
+
+    def _check_ll_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                          async_finish, return_recv_hook, out, wait_stats) -> torch.Tensor:
+        """Checks combine's inputs; returns the tensor holding the expert outputs."""
+        if use_logfmt:
+            raise ValueError("use_logfmt=True (DeepEP's lossy LogFMT combine) is not supported by "
+                             "flexep; pass use_logfmt=False (combine sends x's dtype)")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish=True and return_recv_hook=True are mutually exclusive")
+        self._check_ll_handle(handle)
+        shape = (handle.num_local_experts, handle.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        V.check_tensor("x", x, dim=3, dtypes=V.FLOAT_DTYPES, contiguous=not zero_copy)
+        if tuple(x.shape) != shape:
+            raise ValueError(f"x must be {list(shape)} (the dispatch's [L, W*M, H]), got {list(x.shape)}")
+        num_tokens = handle.num_tokens
+        V.check_topk_idx(topk_idx, num_tokens, handle.num_experts, values=False)
+        V.check_topk_weights(topk_weights, topk_idx)
+        if topk_idx.shape != handle.topk_idx.shape or (
+                self.validate and not torch.equal(topk_idx.to(torch.int64), handle.topk_idx)):
+            raise ValueError("topk_idx must be the routing this rank dispatched with (the handle's "
+                             f"{list(handle.topk_idx.shape)} topk_idx), got a different one")
+        if out is not None:
+            V.check_tensor("out", out, dim=2, dtypes=(x.dtype,), rows=num_tokens)
+            if out.size(1) != handle.hidden:
+                raise ValueError(f"out must be [{num_tokens}, {handle.hidden}], got {list(out.shape)}")
+        if wait_stats is not None:
+            V.check_tensor("combine_wait_recv_cost_stats", wait_stats, dim=1, dtypes=(torch.int64,),
+                           rows=self.group_size)
+        if not zero_copy:
+            return x
+        buf = self._ll_state
+        if buf is None or tuple(buf.shape) != shape or buf.device != x.device:
+            raise ValueError("zero_copy=True reads get_next_low_latency_combine_buffer(handle): call it "
+                             "and write the expert outputs into it first")
+        return buf
+
+    def _check_ll_handle(self, handle) -> None:
+        if not isinstance(handle, low_latency.LowLatencyHandle):
+            raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch, got "
+                            f"{type(handle).__name__}")
+        if handle.buffer_uid != self.uid:
+            raise ValueError("handle was produced by another Buffer; low_latency_combine must use the "
+                             "Buffer that dispatched")
+
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod
     def _unpack_bias(bias) -> tuple:
@@ -439,18 +718,33 @@ class Buffer:
                     num_topk=topk_idx.size(1) if topk_idx is not None else -1)
 
     def _normal_algorithm(self):
-        if self.hierarchical:
-            from . import hierarchical
-            return hierarchical
-        return normal
+        return hierarchical if self.hierarchical else normal
 
-    def _algo_kwargs(self) -> dict:
-        return {"groups": self._topo_groups} if self.hierarchical else {}
+    def _algo_kwargs(self, header) -> dict:
+        if not self.hierarchical:
+            return {}
+        return {"groups": self._topo_groups, "node_counts": header.extra}
 
-    def _fill_minimum(self, handle, row_bytes: int, reverse: bool = False) -> None:
+    def _fill_minimum(self, handle, row_bytes: int, reverse: bool = False, cached: bool = False) -> None:
         """Record the routing's minimum bytes per link class next to what was sent."""
         self.runtime.stats.minimum = minimum_bytes(handle, self.topology, self.rank, row_bytes,
-                                                   reverse)
+                                                   reverse, cached)
+
+
+def _check_worst_tokens(tp: Transport, header) -> None:
+    """Raise on every rank if any rank receives more tokens than its ``num_worst_tokens``.
+
+    Each rank's ``num_worst_tokens`` travels in the header, so all ranks see the overflow and
+    none of them starts a payload exchange the overflowing rank would then leave hanging.
+    """
+    worst = header.field("num_worst_tokens")
+    received = header.counts.sum(0).tolist()
+    over = [r for r, (w, n) in enumerate(zip(worst, received)) if w > 0 and n > w]
+    if over:
+        detail = ", ".join(f"rank {r} receives {received[r]} > num_worst_tokens {worst[r]}" for r in over)
+        raise CapacityError(f"num_worst_tokens is too small: {detail}; expected num_worst_tokens >= "
+                            "the tokens a rank receives (at most num_tokens * num_ranks)",
+                            op="dispatch", phase="header", seq=tp.seq, ranks=over)
 
 
 def _row_bytes(data: torch.Tensor, scales: Optional[torch.Tensor], topk: Optional[torch.Tensor]) -> int:

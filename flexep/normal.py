@@ -128,7 +128,7 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- dispatch -----------------------------------------------------------------------------
-def _channel_prefix(is_token_in_rank: torch.Tensor, channels: int) -> torch.Tensor:
+def channel_prefix(is_token_in_rank: torch.Tensor, channels: int) -> torch.Tensor:
     """``[W, C] int32``: inclusive prefix over channels of tokens sent to each rank."""
     tokens, world = is_token_in_rank.shape
     chunk = max(1, -(-tokens // channels))
@@ -137,7 +137,7 @@ def _channel_prefix(is_token_in_rank: torch.Tensor, channels: int) -> torch.Tens
     return padded.view(channels, chunk, world).sum(1).cumsum(0).t().contiguous().to(torch.int32)
 
 
-def _recv_channel_prefix(recv_src_idx: torch.Tensor, recv_counts: Sequence[int],
+def recv_channel_prefix(recv_src_idx: torch.Tensor, recv_counts: Sequence[int],
                          src_tokens: Sequence[int], channels: int) -> torch.Tensor:
     """``[W, C] int32``: start row of each source channel inside that source's block."""
     out = torch.zeros(len(recv_counts), channels, dtype=torch.int32)
@@ -197,7 +197,7 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
         recv_topk_weights[:num_recv] = torch.where(local_idx >= 0, parts[2], 0.0)
         per_expert = torch.bincount(local_idx[local_idx >= 0], minlength=local).tolist()
     elif num_worst_tokens == 0:
-        per_expert = _exchange_expert_counts(tp, num_tokens_per_expert, local)
+        per_expert = exchange_expert_counts(tp, num_tokens_per_expert, local)
     if scales is not None:
         recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
         recv_scales[:num_recv] = parts[-1]
@@ -206,8 +206,8 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     sent_before = torch.cumsum(is_token_in_rank.to(torch.int32), 0, dtype=torch.int32) - 1
     handle = NormalHandle(
         rank_prefix_matrix=counts.to(torch.int32).cumsum(0, dtype=torch.int32),
-        channel_prefix_matrix=_channel_prefix(is_token_in_rank, channels),
-        recv_channel_prefix_matrix=_recv_channel_prefix(recv_src_idx, recv_counts, src_tokens, channels),
+        channel_prefix_matrix=channel_prefix(is_token_in_rank, channels),
+        recv_channel_prefix_matrix=recv_channel_prefix(recv_src_idx, recv_counts, src_tokens, channels),
         recv_src_idx=recv_src_idx,
         is_token_in_rank=is_token_in_rank,
         send_head=torch.where(is_token_in_rank, sent_before, -1).to(torch.int32),
@@ -222,7 +222,7 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
                           num_worst_tokens == 0 else [], handle)
 
 
-def _exchange_expert_counts(tp: Transport, num_tokens_per_expert: torch.Tensor, local: int) -> list:
+def exchange_expert_counts(tp: Transport, num_tokens_per_expert: torch.Tensor, local: int) -> list:
     """Per-local-expert token counts summed over sources, when no ``topk_idx`` travels."""
     send = num_tokens_per_expert.to(torch.int64).view(tp.world, local)
     recv = torch.empty_like(send)

@@ -34,7 +34,10 @@ OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "ll_dispatch": 4, "ll_
        "barrier": 6, "ll_clean": 7}
 _OP_NAMES = {v: k for k, v in OPS.items()}
 FIELDS = ("magic", "op", "seq", "error", "num_tokens", "hidden", "x_dtype", "num_scales",
-          "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode")
+          "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode",
+          "num_worst_tokens")
+# Per-rank values that ride along for every rank to read, never compared across ranks.
+PER_RANK_FIELDS = ("num_tokens", "num_worst_tokens")
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.int8,
            torch.int32, torch.int64, torch.bool]
 _DTYPES += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
@@ -57,6 +60,7 @@ class Header:
 
     fields: torch.Tensor  # [W, F] int64
     counts: torch.Tensor  # [W, W] int64, counts[s, d] = tokens rank s sends to rank d
+    extra: torch.Tensor  # [W, X] int64, the per-rank ``extra`` vectors (X may be 0)
 
     def field(self, name: str) -> list[int]:
         return self.fields[:, FIELDS.index(name)].tolist()
@@ -64,25 +68,29 @@ class Header:
 
 def header_round(tp: Transport, op: str, *, error: Optional[BaseException] = None,
                  send_counts: Optional[torch.Tensor] = None, check: bool = True,
+                 extra_width: int = 0, extra: Optional[torch.Tensor] = None,
                  **values: int) -> Header:
     """Run the header round for call ``op`` and raise collectively on any disagreement.
 
     ``values`` fills the agreement fields by name (unset fields are not compared). A local
     ``error`` is shipped as a flag and re-raised here, after every peer has been told.
+    ``extra`` (``[extra_width]``, a width every rank knows, e.g. from the topology) rides along.
     """
     world = tp.world
-    row = torch.full((len(FIELDS) + world,), ANY, dtype=torch.int64)
+    row = torch.full((len(FIELDS) + world + extra_width,), ANY, dtype=torch.int64)
     row[FIELDS.index("magic")] = MAGIC
     row[FIELDS.index("op")] = OPS[op]
     row[FIELDS.index("seq")] = tp.seq
     row[FIELDS.index("error")] = int(error is not None)
     for name, v in values.items():
         row[FIELDS.index(name)] = int(v)
-    row[len(FIELDS):] = 0 if send_counts is None or error is not None else send_counts.to(torch.int64).cpu()
+    ok = error is None
+    end = len(FIELDS) + world
+    row[len(FIELDS):end] = send_counts.to(torch.int64).cpu() if ok and send_counts is not None else 0
+    row[end:] = extra.to(torch.int64).cpu() if ok and extra is not None else 0
     tp.fault_point("before_header")
     table = tp.all_gather("header", row)
-    fields, counts = table[:, : len(FIELDS)], table[:, len(FIELDS):]
-    header = Header(fields=fields, counts=counts)
+    header = Header(fields=table[:, : len(FIELDS)], counts=table[:, len(FIELDS):end], extra=table[:, end:])
     _raise_on_disagreement(tp, op, header, error, check)
     return header
 
@@ -111,7 +119,7 @@ def _raise_on_disagreement(tp: Transport, op: str, h: Header, error, check: bool
     for name in FIELDS[4:]:
         vals = h.field(name)
         compared = [v for v in vals if v != ANY]
-        if name == "num_tokens" or len(set(compared)) <= 1:
+        if name in PER_RANK_FIELDS or len(set(compared)) <= 1:
             continue
         shown = [_dtype_name(v) if name.endswith("dtype") else v for v in vals]
         odd = _minority(vals)
