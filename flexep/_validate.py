@@ -54,6 +54,9 @@ def split_x(x: Union[torch.Tensor, tuple], *, floats: Sequence[torch.dtype] = FL
     packed UE8M0 ``[T, H/512] int32``.
     """
     if isinstance(x, (tuple, list)):
+        if not all(isinstance(part, torch.Tensor) for part in x):
+            raise TypeError(f"{name} must be a torch.Tensor or an (x_fp8, scales) tuple of tensors, "
+                            f"got {type(x).__name__} of {', '.join(sorted({type(p).__name__ for p in x}))}")
         if len(x) != 2:
             raise ValueError(f"{name} as a tuple must be (x_fp8 [T, H], scales [T, H/128]), "
                              f"got {len(x)} items")
@@ -70,14 +73,22 @@ def split_x(x: Union[torch.Tensor, tuple], *, floats: Sequence[torch.dtype] = FL
                              f"and dtype {str(scales.dtype).replace('torch.', '')}, "
                              f"got {tuple(scales.shape)}")
         return data, scales
+    if isinstance(x, torch.Tensor) and x.dtype in FLOAT8_DTYPES:
+        # The most common FP8 mistake: the scales were dropped on the way.
+        raise TypeError(f"{name} is {str(x.dtype).replace('torch.', '')} without scales; expected "
+                        f"(x_fp8 [T, H], scales [T, H/128] float32) or a {_names(floats)} tensor")
     check_tensor(name, x, dim=2, dtypes=floats)
     return x, None
 
 
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
 def check_topk_idx(topk_idx, num_tokens: Optional[int], num_experts: int, *, values: bool = True,
-                   name: str = "topk_idx") -> torch.Tensor:
+                   name: str = "topk_idx", device: Optional[torch.device] = None) -> torch.Tensor:
     """``[T, K]`` int64 (int32 accepted), entries ``-1`` or in ``[0, num_experts)``, no repeats."""
-    check_tensor(name, topk_idx, dim=2, dtypes=INDEX_DTYPES, rows=num_tokens)
+    check_tensor(name, topk_idx, dim=2, dtypes=INDEX_DTYPES, rows=num_tokens, device=device)
     if values and topk_idx.numel():
         bad = (topk_idx < -1) | (topk_idx >= num_experts)
         if bool(bad.any()):
@@ -95,7 +106,7 @@ def check_topk_idx(topk_idx, num_tokens: Optional[int], num_experts: int, *, val
 
 
 def check_topk_weights(topk_weights, topk_idx: torch.Tensor, name: str = "topk_weights") -> torch.Tensor:
-    check_tensor(name, topk_weights, dim=2, dtypes=(torch.float32,))
+    check_tensor(name, topk_weights, dim=2, dtypes=(torch.float32,), device=topk_idx.device)
     if topk_weights.shape != topk_idx.shape:
         raise ValueError(f"{name} must have the shape of topk_idx {tuple(topk_idx.shape)}, "
                          f"got {tuple(topk_weights.shape)}")

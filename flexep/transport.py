@@ -22,6 +22,7 @@ Gloo has no float8 type, so tensors are moved as same-size integer views (:func:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -217,27 +218,42 @@ class Transport:
         """EP ranks among ``members`` that do not answer through the rendezvous store.
 
         Survivors of a failed exchange each post a key and wait a short window for the others;
-        a dead or frozen peer never posts. If the store itself is gone, its host (global rank 0)
-        is the one not heard from.
+        a dead or frozen peer never posts. The key is per Buffer and rank, not per call: a
+        transport holds at most one roll call (it is broken afterwards), and survivors that
+        fail in different calls (one finished the exchange, the other did not) still find
+        each other. Store calls can block forever when the store's host is frozen (SIGSTOP),
+        so they run in a helper thread joined with a deadline; a store that is gone or does
+        not answer in time means its host (global rank 0) is the one not heard from.
         """
         try:
             store = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001 - no store means no evidence, not a new failure
             return []
-        prefix = f"flexep/{self.uid}/rollcall/{self.seq}/"
         window = min(5.0, max(1.0, self.timeout / 4))
+        result: dict = {}
+        helper = threading.Thread(target=self._answer_roll_call, name="flexep-roll-call", daemon=True,
+                                  args=(store, [p for p in members if p != self.rank], window, result))
+        helper.start()
+        helper.join(window + 1.0)
+        if "missing" in result:
+            return result["missing"]
+        host = self._global.index(0) if 0 in self._global else None
+        return [host] if host is not None and host != self.rank else []
+
+    def _answer_roll_call(self, store, peers: list[int], window: float, result: dict) -> None:
+        """Post this rank's key, then poll the peers' keys for ``window`` seconds."""
+        prefix = f"flexep/{self.uid}/rollcall/"
         try:
-            store.set(prefix + str(self.rank), "1")
+            store.set(prefix + str(self.rank), str(self.seq))
             end = time.monotonic() + window
-            missing = [p for p in members if p != self.rank]
+            missing = list(peers)
             while missing and time.monotonic() < end:
                 missing = [p for p in missing if not store.check([prefix + str(p)])]
                 if missing:
                     time.sleep(0.05)
-            return missing
+            result["missing"] = missing
         except Exception:  # noqa: BLE001 - the store died with its host process
-            host = self._global.index(0) if 0 in self._global else None
-            return [host] if host is not None and host != self.rank else []
+            result["store_error"] = True
 
 
 def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
