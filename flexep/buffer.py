@@ -231,6 +231,8 @@ class Buffer:
             is_token_in_rank: ``[T, W] bool``.
             event: ``EventOverlap`` (holds an event only with ``async_finish``).
         """
+        if self.runtime is None:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
         V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
         V.check_num_experts(num_experts, self.group_size)
         topk_idx = V.check_topk_idx(topk_idx, None, num_experts, values=self.validate)
