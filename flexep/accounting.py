@@ -9,6 +9,10 @@ its experts (per-rank dedup). For the hierarchical algorithm: across the network
 destination *node*; inside a node, one copy per destination rank other than the rank through
 which the token entered the node. A token's row is its data, its scales, its top-k ids and
 weights when they travel, and a 4-byte source index (the receiver's ``recv_src_idx``).
+
+:func:`routing_flows` gives the same counts as pairwise ``[W, W]`` matrices, vectorised for
+large groups (the planner's input); :func:`flows_traffic` turns them back into
+:func:`routing_traffic`'s result, and the tests hold the two equal.
 """
 
 from __future__ import annotations
