@@ -40,7 +40,12 @@ __all__ = ["BenchConfig", "run_bench", "main", "format_table"]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Shape of the benchmark traffic and how to run it."""
+    """Shape of the benchmark traffic and how to run it.
+
+    ``channels`` lists the channel counts to time; with ``ranks_per_node`` smaller than the
+    world (virtual or real nodes) every channel count runs both the flat and the hierarchical
+    algorithm, in the same iterations.
+    """
 
     world: int = 4
     tokens: int = 1024
@@ -51,9 +56,15 @@ class BenchConfig:
     warmup: int = 1
     ranks_per_node: Optional[int] = None
     hierarchical: bool = True
-    channels: int = 1
+    channels: tuple = (1,)
     fp8: bool = False
     seed: int = 0
+
+    def variants(self) -> list[tuple[str, bool, int]]:
+        """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
+        multi = self.ranks_per_node is not None and self.ranks_per_node < self.world
+        kinds = [("hier", True), ("flat", False)] if multi and self.hierarchical else [("flat", False)]
+        return [(f"{k} c{c}", h, c) for k, h in kinds for c in self.channels]
 
 
 def _routing(cfg: BenchConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,64 +106,79 @@ def _naive(buf_group, x, topk_idx, topk_w, experts, rank, world):
 
 def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
     group = dist.group.WORLD
-    buf = Buffer(group, ranks_per_node=cfg.ranks_per_node, hierarchical=cfg.hierarchical,
-                 num_channels=cfg.channels, explicitly_destroy=True)
+    buffers = {name: Buffer(group, ranks_per_node=cfg.ranks_per_node, hierarchical=hier,
+                            num_channels=c, explicitly_destroy=True)
+               for name, hier, c in cfg.variants()}
+    main = next(iter(buffers.values()))
     x, topk_idx, topk_w = _routing(cfg, rank)
     x_in = x
     if cfg.fp8:
         from .quant import per_token_cast_to_fp8
         x_in = per_token_cast_to_fp8(x.float())
 
-    def layout():
-        return buf.get_dispatch_layout(topk_idx, cfg.experts)
-
-    def dispatch(lay):
+    def dispatch(buf, lay):
         return buf.dispatch(x_in, num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1],
                             is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
                             topk_idx=topk_idx, topk_weights=topk_w)
 
     # Correctness first: combine(dispatch(x)) is x times the number of ranks that got it.
-    lay = layout()
-    recv = dispatch(lay)
-    recv_x = recv[0] if not cfg.fp8 else recv[0][0].float().to(torch.bfloat16)
-    combined, _, _ = buf.combine(recv_x if not cfg.fp8 else _dequant(recv[0]), recv[4])
-    if not cfg.fp8:
-        expect = x.float() * lay[3].sum(1, keepdim=True)
+    lay = main.get_dispatch_layout(topk_idx, cfg.experts)
+    for buf in buffers.values():
+        recv = dispatch(buf, lay)
+        combined, _, _ = buf.combine(_plain(recv[0]), recv[4])
+        expect = _plain(x_in).float() * lay[3].sum(1, keepdim=True)
         if not torch.allclose(combined.float(), expect, rtol=2e-2, atol=2e-2):
             raise RuntimeError(f"bench self-check failed on rank {rank}")
-    d_bytes = dict(buf.last_traffic.payload)
 
-    times: dict = {k: [] for k in ("layout", "dispatch", "combine", "raw_dispatch", "raw_combine",
-                                   "naive")}
-    traffic = {}
+    times: dict = {k: [] for k in ["layout", "raw_dispatch", "raw_combine", "naive"]}
+    traffic: dict = {}
+    for name in buffers:
+        times[f"{name} dispatch"], times[f"{name} combine"] = [], []
     for it in range(cfg.warmup + cfg.iters):
-        lay, t_layout = _timed(layout)
-        res, t_dispatch = _timed(dispatch, lay)
-        traffic["dispatch"] = _stats(buf)
-        handle = res[4]
-        y = res[0] if not cfg.fp8 else _dequant(res[0])
-        _, t_combine = _timed(buf.combine, y, handle)
-        traffic["combine"] = _stats(buf)
-        # Raw all_to_all_single of the same payload, buffers prepared outside the timing.
-        send_counts = [int(v) for v in handle.send_counts]
-        recv_counts = [int(v) for v in handle.recv_counts]
+        keep = it >= cfg.warmup
+        lay, t = _timed(main.get_dispatch_layout, topk_idx, cfg.experts)
+        sample = {"layout": t}
+        for name, buf in buffers.items():
+            res, sample[f"{name} dispatch"] = _timed(dispatch, buf, lay)
+            traffic[f"{name} dispatch"] = _stats(buf)
+            _, sample[f"{name} combine"] = _timed(buf.combine, _plain(res[0]), res[4])
+            traffic[f"{name} combine"] = _stats(buf)
+            if buf is main:
+                handle = res[4]
+        # Raw all_to_all_single of flat dispatch's payload and combine's rows, prepared outside
+        # the timing: the floor for any algorithm on this transport.
+        send_counts = lay[3].sum(0).tolist()
+        recv_counts = [0] * world
+        gathered = [None] * world
+        dist.all_gather_object(gathered, send_counts)
+        recv_counts = [gathered[s][rank] for s in range(world)]
         row = x.size(1) * (1 if cfg.fp8 else 2) + _meta_bytes(cfg)
         send = torch.empty(sum(send_counts), row, dtype=torch.uint8)
         recv_buf = torch.empty(sum(recv_counts), row, dtype=torch.uint8)
-        _, t_raw_d = _timed(dist.all_to_all_single, recv_buf, send, recv_counts, send_counts)
+        _, sample["raw_dispatch"] = _timed(dist.all_to_all_single, recv_buf, send, recv_counts,
+                                           send_counts)
         back_src = torch.empty(sum(recv_counts), x.size(1) * 2, dtype=torch.uint8)
         back_dst = torch.empty(sum(send_counts), x.size(1) * 2, dtype=torch.uint8)
-        _, t_raw_c = _timed(dist.all_to_all_single, back_dst, back_src, send_counts, recv_counts)
-        (_, naive_bytes), t_naive = _timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
-                                           rank, world)
-        if it >= cfg.warmup:
-            for k, v in zip(times, (t_layout, t_dispatch, t_combine, t_raw_d, t_raw_c, t_naive)):
+        _, sample["raw_combine"] = _timed(dist.all_to_all_single, back_dst, back_src, send_counts,
+                                          recv_counts)
+        (_, naive_bytes), sample["naive"] = _timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
+                                                   rank, world)
+        if keep:
+            for k, v in sample.items():
                 times[k].append(v)
         if rank == 0:
             print(f"[flexep bench] iteration {it + 1}/{cfg.warmup + cfg.iters}"
-                  f"{' (warm-up)' if it < cfg.warmup else ''}", file=sys.stderr, flush=True)
-    buf.destroy()
-    return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, check_bytes=d_bytes)
+                  f"{' (warm-up)' if not keep else ''}", file=sys.stderr, flush=True)
+    del handle
+    for buf in buffers.values():
+        buf.destroy()
+    return dict(times=times, traffic=traffic, naive_bytes=naive_bytes,
+                raw_bytes=sum(send_counts) * row + sum(recv_counts) * x.size(1) * 2)
+
+
+def _plain(x):
+    """FP8 tuples dequantised to BF16, what an expert would return to combine."""
+    return _dequant(x) if isinstance(x, tuple) else x
 
 
 def _dequant(x):
@@ -171,54 +197,119 @@ def _stats(buf: Buffer) -> dict:
 
 
 def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
-    """Slowest rank per iteration, median over iterations; bytes per rank (max over ranks)."""
+    """Slowest rank per iteration, median over iterations; bytes summed over ranks."""
     def phase(name):
         per_iter = list(zip(*[r["times"][name] for r in per_rank]))
         return statistics.median(max(v) for v in per_iter)
 
+    world = len(per_rank)
     t = {k: phase(k) for k in per_rank[0]["times"]}
-    off = ("intra", "inter")
-    d_sent = max(sum(r["traffic"]["dispatch"]["payload"][k] for k in off) for r in per_rank)
-    c_sent = max(sum(r["traffic"]["combine"]["payload"][k] for k in off) for r in per_rank)
-    d_min = sum(sum(r["traffic"]["dispatch"]["minimum"][k] for k in off) for r in per_rank)
-    d_tot = sum(sum(r["traffic"]["dispatch"]["payload"][k] for k in off) for r in per_rank)
-    c_min = sum(sum(r["traffic"]["combine"]["minimum"][k] for k in off) for r in per_rank)
-    c_tot = sum(sum(r["traffic"]["combine"]["payload"][k] for k in off) for r in per_rank)
-    naive = max(r["naive_bytes"] for r in per_rank)
-    ours = t["dispatch"] + t["combine"]
+
+    def total(key, field, link):
+        return sum(r["traffic"][key][field][link] for r in per_rank)
+
+    variants = []
+    for name, hier, channels in cfg.variants():
+        row = dict(name=name, hierarchical=hier, channels=channels,
+                   dispatch_s=t[f"{name} dispatch"], combine_s=t[f"{name} combine"])
+        for op in ("dispatch", "combine"):
+            for link in ("local", "intra", "inter"):
+                row[f"{op}_{link}_bytes"] = total(f"{name} {op}", "payload", link)
+                row[f"{op}_{link}_min"] = total(f"{name} {op}", "minimum", link)
+        variants.append(row)
+    main = variants[0]
+    ours = main["dispatch_s"] + main["combine_s"]
     raw = t["raw_dispatch"] + t["raw_combine"]
-    return dict(config=asdict(cfg), times_s=t, dispatch_bytes_per_rank=d_sent,
-                combine_bytes_per_rank=c_sent, dispatch_vs_minimum=d_tot / d_min if d_min else 1.0,
-                combine_vs_minimum=c_tot / c_min if c_min else 1.0, naive_bytes_per_rank=naive,
-                ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"],
-                traffic=[r["traffic"] for r in per_rank])
+    return dict(config=asdict(cfg), times_s=t, variants=variants, world=world,
+                raw_bytes_per_rank=max(r["raw_bytes"] for r in per_rank),
+                naive_bytes_per_rank=max(r["naive_bytes"] for r in per_rank),
+                ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"])
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}x" if b else ("1.00x" if a == 0 else "inf")
 
 
 def format_table(s: dict) -> str:
-    t = s["times_s"]
-    rows = [
-        ("layout", t["layout"], 0, None),
-        ("dispatch", t["dispatch"], s["dispatch_bytes_per_rank"], s["dispatch_vs_minimum"]),
-        ("combine", t["combine"], s["combine_bytes_per_rank"], s["combine_vs_minimum"]),
-        ("dispatch+combine", t["dispatch"] + t["combine"],
-         s["dispatch_bytes_per_rank"] + s["combine_bytes_per_rank"], None),
-        ("raw all_to_all (same bytes)", t["raw_dispatch"] + t["raw_combine"],
-         s["dispatch_bytes_per_rank"] + s["combine_bytes_per_rank"], None),
-        ("naive per-(token,expert)", t["naive"], 2 * s["naive_bytes_per_rank"], None),
-    ]
-    c = s["config"]
-    lines = [f"flexep bench: world {c['world']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
+    """The benchmark as readable text: per-phase times, bytes and ratios."""
+    c, t, world = s["config"], s["times_s"], s["world"]
+    lines = ["(MB/rank counts every byte handed to the transport, this rank's own block included; "
+             "'vs min' is that total over the routing's minimum)",
+             f"flexep bench: world {c['world']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
              f"top-{c['topk']} of {c['experts']} experts, {'FP8' if c['fp8'] else 'BF16'} dispatch, "
-             f"channels {c['channels']}, ranks/node {c['ranks_per_node'] or 'all'}",
-             f"{'phase':<30}{'time ms':>10}{'GB/s/rank':>11}{'MB sent/rank':>14}{'vs min':>8}",
-             "-" * 73]
-    for name, secs, nbytes, ratio in rows:
+             f"BF16 combine, ranks/node {c['ranks_per_node'] or c['world']}",
+             f"{'phase':<34}{'time ms':>9}{'GB/s/rank':>11}{'MB/rank':>9}{'vs min':>8}{'inter MB':>10}",
+             "-" * 81]
+
+    def line(name, secs, nbytes, ratio="", inter=None):
         gbps = nbytes / secs / 1e9 if secs and nbytes else 0.0
-        lines.append(f"{name:<30}{secs * 1e3:>10.2f}{gbps:>11.3f}{nbytes / 1e6:>14.2f}"
-                     f"{(f'{ratio:.2f}x' if ratio else ''):>8}")
-    lines.append(f"dispatch+combine / raw all_to_all: {s['ratio_vs_raw']:.2f}x;  "
+        inter_s = f"{inter / 1e6:.2f}" if inter is not None else ""
+        lines.append(f"{name:<34}{secs * 1e3:>9.2f}{gbps:>11.3f}{nbytes / 1e6:>9.2f}{ratio:>8}{inter_s:>10}")
+
+    line("layout", t["layout"], 0)
+    links = ("local", "intra", "inter")
+    for v in s["variants"]:
+        for op in ("dispatch", "combine"):
+            sent = sum(v[f"{op}_{k}_bytes"] for k in links)
+            low = sum(v[f"{op}_{k}_min"] for k in links)
+            line(f"{op} ({v['name']})", v[f"{op}_s"], sent // world, _ratio(sent, low),
+                 v[f"{op}_inter_bytes"] / world)
+    main = s["variants"][0]
+    line(f"dispatch+combine ({main['name']})", main["dispatch_s"] + main["combine_s"],
+         sum(main[f"{op}_{k}_bytes"] for op in ("dispatch", "combine") for k in links) // world)
+    line("raw all_to_all_single, flat bytes", t["raw_dispatch"] + t["raw_combine"],
+         s["raw_bytes_per_rank"])
+    line("naive per-(token,expert) a2a", t["naive"], 2 * s["naive_bytes_per_rank"])
+    lines.append(f"dispatch+combine ({main['name']}) / raw all_to_all: {s['ratio_vs_raw']:.2f}x;  "
                  f"/ naive per-(token,expert): {s['ratio_vs_naive']:.2f}x")
+    flat = [v for v in s["variants"] if not v["hierarchical"]]
+    hier = [v for v in s["variants"] if v["hierarchical"]]
+    if flat and hier:
+        f, h = flat[0], hier[0]
+        hier_time = (h["dispatch_s"] + h["combine_s"]) / (f["dispatch_s"] + f["combine_s"])
+        lines.append(f"inter-node dispatch bytes: hierarchical {h['dispatch_inter_bytes'] / 1e6:.2f} MB "
+                     f"({_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} of its minimum) vs "
+                     f"flat {f['dispatch_inter_bytes'] / 1e6:.2f} MB: "
+                     f"{_ratio(f['dispatch_inter_bytes'], h['dispatch_inter_bytes'])} fewer; "
+                     f"time hier/flat {hier_time:.2f}x")
     return "\n".join(lines)
+
+
+def plot(s: dict, path: str) -> None:
+    """Bytes per link class and time per variant (flat vs hierarchical, per channel count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vs = s["variants"]
+    names = [v["name"] for v in vs]
+    world = s["world"]
+    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = range(len(vs))
+    for i, (link, color) in enumerate((("intra", "#4C72B0"), ("inter", "#DD8452"))):
+        vals = [(v[f"dispatch_{link}_bytes"] + v[f"combine_{link}_bytes"]) / world / 1e6 for v in vs]
+        ax_b.bar([x + 0.38 * i for x in xs], vals, width=0.38, color=color, label=f"{link}-node")
+    ax_b.set_xticks([x + 0.19 for x in xs], names, rotation=20)
+    ax_b.set_ylabel("MB sent per rank (dispatch + combine)")
+    ax_b.set_title("Bytes per link class")
+    ax_b.set_ylim(0, ax_b.get_ylim()[1] * 1.25)  # headroom for the legend
+    ax_b.legend(loc="upper center", ncol=2)
+    ax_t.bar(xs, [v["dispatch_s"] * 1e3 for v in vs], color="#55A868", label="dispatch")
+    ax_t.bar(xs, [v["combine_s"] * 1e3 for v in vs], bottom=[v["dispatch_s"] * 1e3 for v in vs],
+             color="#C44E52", label="combine")
+    raw = (s["times_s"]["raw_dispatch"] + s["times_s"]["raw_combine"]) * 1e3
+    ax_t.axhline(raw, color="black", linestyle="--", label="raw all_to_all_single (flat bytes)")
+    ax_t.set_xticks(list(xs), names, rotation=20)
+    ax_t.set_ylabel("ms (slowest rank, median)")
+    ax_t.set_title("Time per variant")
+    ax_t.legend(fontsize=8)
+    c = s["config"]
+    fig.suptitle(f"flexep: world {c['world']}, ranks/node {c['ranks_per_node'] or c['world']}, "
+                 f"{c['tokens']} tokens/rank, hidden {c['hidden']}, top-{c['topk']}/{c['experts']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -245,9 +336,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--ranks-per-node", type=int, default=None, help="virtual node size")
     p.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
-    p.add_argument("--channels", type=int, default=d.channels)
+    p.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
     p.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 with per-128 scales")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
                    help="normal (default) or low-latency (decode: 128 tokens/rank by default)")
 
@@ -255,7 +347,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
-                       hierarchical=not a.flat, channels=a.channels, fp8=a.fp8)
+                       hierarchical=not a.flat, fp8=a.fp8,
+                       channels=tuple(int(c) for c in str(a.channels).split(",")))
 
 
 def main(argv=None) -> int:
@@ -275,4 +368,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=2)
+    if a.plot:
+        plot(summary, a.plot)
+        print(f"plot written to {a.plot}")
     return 0
