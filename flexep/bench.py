@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -317,9 +317,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
         init_from_env()
         rank, world = dist.get_rank(), dist.get_world_size()
+        cfg = replace(cfg, world=world)
         mine = _bench_worker(rank, world, cfg)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
+        dist.barrier()
         return _summarise(cfg, gathered)
     per_rank = run_local(_bench_worker, cfg.world, (cfg,), timeout=3600)
     return _summarise(cfg, per_rank)
@@ -362,8 +364,11 @@ def main(argv=None) -> int:
                               num_topk=a.topk, num_experts=a.experts, json_path=a.json)
         return 0
     summary = run_bench(config_from_args(a))
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return 0
+    if dist.is_initialized():  # torchrun: rank 0 reports, everyone leaves the group cleanly
+        is_reporter = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not is_reporter:
+            return 0
     print(format_table(summary))
     if a.json:
         with open(a.json, "w") as f:
