@@ -3,7 +3,7 @@
 ``import flexep as deep_ep`` gives DeepEP V1's ``Buffer`` API on NCCL, HCCL or Gloo.
 """
 
-from . import autograd, utils
+from . import autograd, checkpoint, eplb, moe, utils
 from .buffer import Buffer, topk_idx_t
 from .config import Config
 from .errors import (
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "Topology", "TrafficStats",
-    "topk_idx_t", "autograd", "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError",
+    "topk_idx_t", "autograd", "checkpoint", "eplb", "moe", "utils", "FlexepRuntimeError",
+    "CommTimeoutError", "PeerFailureError",
     "RankMismatchError", "RemoteInputError", "CapacityError", "BrokenCommunicatorError",
     "ConservationError", "__version__",
 ]
