@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import flexep
+from flexep.eplb import global_placement
 from flexep.launch import run_local
 from flexep.moe import (
     MoEConfig,
@@ -155,12 +156,30 @@ def _train_worker(buf, x, target, head) -> dict:
 
 
 def _decode_worker(rank: int, world: int, x: torch.Tensor) -> dict:
-    hint = flexep.Buffer.get_low_latency_rdma_size_hint(8, CFG.hidden, world, CFG.num_experts)
-    buf = flexep.Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True)
-    layer = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8)
-    xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
-    with torch.no_grad():
-        return dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+    """Low-latency vs normal mode, with the contiguous layout and with EPLB replicas."""
+    out = {}
+    for physical in (CFG.num_experts, 12):
+        hint = flexep.Buffer.get_low_latency_rdma_size_hint(8, CFG.hidden, world, physical)
+        buf = flexep.Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True)
+        load = torch.tensor([30.0, 1, 2, 9, 1, 1, 12, 1])
+        placement = global_placement(load, physical, world) if physical > CFG.num_experts else None
+        layer = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8, placement=placement)
+        xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
+        with torch.no_grad():
+            out[physical] = dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+    return out
+
+
+def _edge_worker(groups: dict, x: torch.Tensor) -> dict:
+    """EP = 4 where rank 1 has no tokens and rank 3's experts are never chosen, vs EP = 1."""
+    out = {}
+    for size in (1, 4):
+        layer = MoELayer(CFG, flexep.Buffer(groups[size]), seed=7)
+        with torch.no_grad():
+            layer.e_score_correction_bias[6:] = -100.0  # group 3 = experts 6, 7 (rank 3 at EP 4)
+            shards = [x[0:8], x[:0], x[8:16], x[16:24]] if size == 4 else [x[:24]]
+            out[size] = layer(shards[groups[size].rank()])
+    return out
 
 
 def _worker(rank: int, world: int, x, target, head) -> dict:
@@ -168,7 +187,7 @@ def _worker(rank: int, world: int, x, target, head) -> dict:
     groups = _subgroups(rank, world)
     return dict(sizes=_sizes_worker(groups, x),
                 train=_train_worker(flexep.Buffer(groups[4]), x, target, head),
-                decode=_decode_worker(rank, world, x))
+                decode=_decode_worker(rank, world, x), edge=_edge_worker(groups, x))
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +284,14 @@ def test_training_parity_ep4_vs_single_process(run):
 def test_low_latency_decode_matches_normal_mode(run):
     _, _, _, results = run
     for r in range(4):
-        dec = results[r]["decode"]
-        torch.testing.assert_close(dec["ll"], dec["normal"], rtol=1e-6, atol=1e-6)
+        for physical, dec in results[r]["decode"].items():
+            torch.testing.assert_close(dec["ll"], dec["normal"], rtol=1e-6, atol=1e-6,
+                                       msg=f"rank {r}, {physical} physical experts")
+
+
+def test_empty_rank_and_idle_experts_take_the_same_path(run):
+    _, _, _, results = run
+    ep4 = torch.cat([results[r]["edge"][4] for r in range(4)])
+    assert results[1]["edge"][4].shape == (0, CFG.hidden)
+    torch.testing.assert_close(ep4, results[0]["edge"][1], rtol=1e-6, atol=1e-6)
 
