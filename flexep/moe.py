@@ -91,6 +91,26 @@ class MoEConfig:
                              f"{reachable})")
 
 
+# PyTorch's CPU elementwise kernels compute the last ``numel % (2 x vector width)`` elements with
+# scalar code whose exp() can differ from the vector one in the last bit, so an element's value
+# would depend on how many tokens share the call (i.e. on the EP size). Padding the flat tensor to
+# a multiple of this block keeps every element on the vector path.
+_VECTOR_BLOCK = 256
+
+
+def _pointwise(fn, t: torch.Tensor) -> torch.Tensor:
+    """``fn(t)`` for an elementwise ``fn``, with each element's bits independent of ``t.numel()``."""
+    n = t.numel()
+    flat = F.pad(t.reshape(-1), (0, (-n) % _VECTOR_BLOCK))
+    return fn(flat)[:n].view(t.shape)
+
+
+def _seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0) -> torch.Tensor:
+    """A float32 normal tensor from a generator keyed by (seed, name, index): world-size free."""
+    gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{name}:{index}".encode()))
+    return torch.randn(shape, generator=gen) * std
+
+
 def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int = 1,
                       topk_group: int = 1, routed_scaling_factor: float = 1.0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +152,15 @@ def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_gro
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Segment matmul: rows ``[offs[e-1], offs[e])`` of ``x: [S, A]`` times ``w[e]: [A, B]``.
 
-    ``counts: [L] int64`` rows per segment (summing to S). Returns ``[S, B]``. Uses
+    ``counts: [L] int64`` rows per segment (summing to S). Returns ``[S, B]``. On CPU uses
     ``torch._grouped_mm`` when PyTorch provides it and the row strides are multiples of 16 bytes
-    (its requirement), else one ``mm`` per segment; both give the same result (tested).
+    (its requirement), else one ``mm`` per segment; both give the same result (tested). On
+    accelerators the loop runs: their grouped GEMMs have dtype and architecture limits that a
+    device-neutral reference should not guess.
     """
     strides = (*x.stride()[:-1], *w.stride()[:-1])
-    if hasattr(torch, "_grouped_mm") and all(s * x.element_size() % 16 == 0 for s in strides) \
-            and x.stride(-1) == 1 and w.stride(-1) == 1:
+    if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.stride(-1) == 1 \
+            and w.stride(-1) == 1 and all(s * x.element_size() % 16 == 0 for s in strides):
         return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
     return grouped_mm_loop(x, w, counts)
 
@@ -147,26 +169,6 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> t
     """The fallback of :func:`grouped_mm`: one ``mm`` per segment."""
     parts = torch.split(x, counts.tolist())
     return torch.cat([p @ w[e] for e, p in enumerate(parts)]) if parts else x.new_zeros(0, w.size(-1))
-
-
-# PyTorch's CPU elementwise kernels compute the last ``numel % (2 x vector width)`` elements with
-# scalar code whose exp() can differ from the vector one in the last bit, so an element's value
-# would depend on how many tokens share the call (i.e. on the EP size). Padding the flat tensor to
-# a multiple of this block keeps every element on the vector path.
-_VECTOR_BLOCK = 256
-
-
-def _pointwise(fn, t: torch.Tensor) -> torch.Tensor:
-    """``fn(t)`` for an elementwise ``fn``, with each element's bits independent of ``t.numel()``."""
-    n = t.numel()
-    flat = F.pad(t.reshape(-1), (0, (-n) % _VECTOR_BLOCK))
-    return fn(flat)[:n].view(t.shape)
-
-
-def _seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0) -> torch.Tensor:
-    """A float32 normal tensor from a generator keyed by (seed, name, index): world-size free."""
-    gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{name}:{index}".encode()))
-    return torch.randn(shape, generator=gen) * std
 
 
 class GroupedExperts(torch.nn.Module):
