@@ -34,14 +34,17 @@ from typing import Optional, Sequence
 import torch
 
 from ._dtypes import wire_view
-from .layout import aligned_expert_counts, send_order, to_local_expert_ids
+from .layout import send_order
 from .normal import (
     DispatchResult,
     NormalHandle,
     accumulator_dtype,
     channel_prefix,
-    exchange_expert_counts,
+    finish_receive,
     pack_rows,
+    pack_token_meta,
+    padded_rows,
+    position_in_group,
     recv_channel_prefix,
     reduce_blocks,
     unpack_rows,
@@ -146,21 +149,12 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     rail_order = send_order(in_node)
     rail_send = node_counts[rank].tolist()
     rail_recv = node_counts[rail_members, me_node].tolist()
-    parts = [rail_order.to(torch.int32).unsqueeze(1)]
-    specs = [(torch.int32, 1)]
-    if topk_idx is not None:
-        parts += [topk_idx.index_select(0, rail_order), topk_weights.index_select(0, rail_order)]
-        specs += [(torch.int64, topk_idx.size(1)), (torch.float32, topk_idx.size(1))]
-    else:
+    mask = None
+    if topk_idx is None:
         # Without top-k ids the forwarder cannot tell which of its node's ranks want the token.
         node_of_row = torch.repeat_interleave(torch.arange(nodes), torch.tensor(rail_send))
-        mask = is_token_in_rank.view(-1, nodes, per)[rail_order, node_of_row]
-        parts.append(mask.to(torch.uint8))
-        specs.append((torch.uint8, per))
-    if scales is not None:
-        parts.append(scales.index_select(0, rail_order))
-        specs.append((scales.dtype, scales.size(1)))
-    meta = pack_rows(parts)
+        mask = is_token_in_rank.view(-1, nodes, per)[rail_order, node_of_row].to(torch.uint8)
+    meta, specs = pack_token_meta(rail_order, topk_idx, topk_weights, scales, extra=mask)
     rail_x = x.new_empty(sum(rail_recv), x.size(1))
     rail_meta = meta.new_empty(sum(rail_recv), meta.size(1))
     tp.fault_point("before_payload")
@@ -192,31 +186,11 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     recv_counts = counts[:, rank].tolist()
     num_recv = sum(recv_counts)
     rows = max(num_recv, num_worst_tokens)
-    recv_x = x.new_empty(rows, x.size(1))
-    if rows > num_recv:
-        recv_x[num_recv:].view(torch.uint8).zero_()
+    recv_x = padded_rows(x, rows, num_recv)
     torch.index_select(wire_view(intra_x), 0, perm, out=wire_view(recv_x[:num_recv]))
     fields = unpack_rows(intra_meta.index_select(0, perm), fwd_specs)
-    recv_src_idx = torch.full((rows,), -1, dtype=torch.int32)
-    recv_src_idx[:num_recv] = fields[0].view(-1)
-
-    recv_topk_idx = recv_topk_weights = recv_scales = per_expert = None
-    if topk_idx is not None:
-        local_idx = to_local_expert_ids(fields[1], rank, local)
-        recv_topk_idx = torch.full((rows, topk_idx.size(1)), -1, dtype=torch.int64)
-        recv_topk_idx[:num_recv] = local_idx
-        recv_topk_weights = torch.zeros(rows, topk_idx.size(1), dtype=torch.float32)
-        recv_topk_weights[:num_recv] = torch.where(local_idx >= 0, fields[2], 0.0)
-        per_expert = torch.bincount(local_idx[local_idx >= 0], minlength=local).tolist()
-    elif num_worst_tokens == 0:
-        per_expert = exchange_expert_counts(tp, num_tokens_per_expert, local)
-    if scales is not None:
-        recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
-        recv_scales[:num_recv] = fields[-1]
-
-    sent_before = torch.cumsum(is_token_in_rank.to(torch.int32), 0, dtype=torch.int32) - 1
-    node_before = torch.cumsum(in_node.to(torch.int32), 0, dtype=torch.int32) - 1
-    fwd_before = torch.cumsum(want.to(torch.int32), 0, dtype=torch.int32) - 1
+    recv = finish_receive(tp, fields, rows, num_recv, topk_idx, scales, num_experts, num_worst_tokens,
+                          expert_alignment, num_tokens_per_expert)
     src_meta = torch.zeros(rows, 8, dtype=torch.uint8)
     src_rank = torch.repeat_interleave(torch.arange(tp.world), torch.tensor(recv_counts))
     src_meta[:num_recv, 0] = (src_rank // per).to(torch.uint8)
@@ -231,19 +205,18 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
                 torch.tensor(rail_recv, dtype=torch.int32).cumsum(0, dtype=torch.int32),
                 torch.tensor(recv_counts, dtype=torch.int32).cumsum(0, dtype=torch.int32),
                 src_meta,
-                torch.where(in_node, node_before, -1).to(torch.int32),
-                torch.where(want, fwd_before, -1).to(torch.int32)))
+                position_in_group(in_node),
+                position_in_group(want)))
     handle = NormalHandle(
         rank_prefix_matrix=counts.to(torch.int32).cumsum(0, dtype=torch.int32),
         channel_prefix_matrix=channel_prefix(is_token_in_rank, channels),
-        recv_channel_prefix_matrix=recv_channel_prefix(recv_src_idx, recv_counts, src_tokens, channels),
-        recv_src_idx=recv_src_idx, is_token_in_rank=is_token_in_rank,
-        send_head=torch.where(is_token_in_rank, sent_before, -1).to(torch.int32),
+        recv_channel_prefix_matrix=recv_channel_prefix(recv.src_idx, recv_counts, src_tokens, channels),
+        recv_src_idx=recv.src_idx, is_token_in_rank=is_token_in_rank,
+        send_head=position_in_group(is_token_in_rank),
         send_order=send_order(is_token_in_rank), send_counts=tuple(counts[rank].tolist()),
         recv_counts=tuple(recv_counts), num_recv_tokens=num_recv, hidden=x.size(1),
         buffer_uid=buffer_uid, hier=plan)
-    num_list = [] if num_worst_tokens else aligned_expert_counts(per_expert, expert_alignment)
-    return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_list, handle)
+    return DispatchResult(recv_x, recv.scales, recv.topk_idx, recv.topk_weights, recv.counts, handle)
 
 
 def _two_hops(tp: Transport, plan: HierPlan, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -266,8 +239,7 @@ def cached_dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tenso
     rows, num_recv = handle.num_rows, handle.num_recv_tokens
     tp.fault_point("before_payload")
     moved = _two_hops(tp, handle.hier, [x] + ([scales.contiguous()] if scales is not None else []))
-    recv_x = x.new_empty(rows, x.size(1))
-    recv_x[num_recv:].view(torch.uint8).zero_()
+    recv_x = padded_rows(x, rows, num_recv)
     wire_view(recv_x)[:num_recv] = moved[0]
     recv_scales = None
     if scales is not None:

@@ -157,60 +157,31 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
              num_tokens_per_expert: Optional[torch.Tensor], channels: int,
              buffer_uid: int) -> DispatchResult:
     """Flat dispatch. ``counts: [W, W]`` from the header round; see module docstring."""
-    rank, world = tp.rank, tp.world
-    local = num_experts // world
+    rank = tp.rank
     order = send_order(is_token_in_rank)
     send_counts = counts[rank].tolist()
     recv_counts = counts[:, rank].tolist()
     num_recv = sum(recv_counts)
     rows = max(num_recv, num_worst_tokens)
 
-    meta_parts = [order.to(torch.int32).unsqueeze(1)]
-    specs = [(torch.int32, 1)]
-    if topk_idx is not None:
-        meta_parts += [topk_idx.index_select(0, order), topk_weights.index_select(0, order)]
-        specs += [(torch.int64, topk_idx.size(1)), (torch.float32, topk_idx.size(1))]
-    if scales is not None:
-        meta_parts.append(scales.index_select(0, order))
-        specs.append((scales.dtype, scales.size(1)))
-    meta_send = pack_rows(meta_parts)
+    meta_send, specs = pack_token_meta(order, topk_idx, topk_weights, scales)
     meta_recv = meta_send.new_empty(num_recv, meta_send.size(1))
 
     x_send = wire_view(x).index_select(0, order)
-    recv_x = x.new_empty(rows, x.size(1))
-    if rows > num_recv:
-        recv_x[num_recv:].view(torch.uint8).zero_()
+    recv_x = padded_rows(x, rows, num_recv)
     tp.fault_point("before_payload")
     tp.all_to_all("payload", [x_send, meta_send], [recv_x[:num_recv], meta_recv],
                   send_counts, recv_counts)
 
-    parts = unpack_rows(meta_recv, specs)
-    recv_src_idx = torch.full((rows,), -1, dtype=torch.int32)
-    recv_src_idx[:num_recv] = parts[0].view(-1)
-    recv_topk_idx = recv_topk_weights = recv_scales = None
-    per_expert = None
-    if topk_idx is not None:
-        local_idx = to_local_expert_ids(parts[1], rank, local)
-        recv_topk_idx = torch.full((rows, topk_idx.size(1)), -1, dtype=torch.int64)
-        recv_topk_idx[:num_recv] = local_idx
-        recv_topk_weights = torch.zeros(rows, topk_idx.size(1), dtype=torch.float32)
-        recv_topk_weights[:num_recv] = torch.where(local_idx >= 0, parts[2], 0.0)
-        per_expert = torch.bincount(local_idx[local_idx >= 0], minlength=local).tolist()
-    elif num_worst_tokens == 0:
-        per_expert = exchange_expert_counts(tp, num_tokens_per_expert, local)
-    if scales is not None:
-        recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
-        recv_scales[:num_recv] = parts[-1]
-
-    num_list = None if num_worst_tokens else aligned_expert_counts(per_expert, expert_alignment)
-    sent_before = torch.cumsum(is_token_in_rank.to(torch.int32), 0, dtype=torch.int32) - 1
+    recv = finish_receive(tp, unpack_rows(meta_recv, specs), rows, num_recv, topk_idx, scales,
+                          num_experts, num_worst_tokens, expert_alignment, num_tokens_per_expert)
     handle = NormalHandle(
         rank_prefix_matrix=counts.to(torch.int32).cumsum(0, dtype=torch.int32),
         channel_prefix_matrix=channel_prefix(is_token_in_rank, channels),
-        recv_channel_prefix_matrix=recv_channel_prefix(recv_src_idx, recv_counts, src_tokens, channels),
-        recv_src_idx=recv_src_idx,
+        recv_channel_prefix_matrix=recv_channel_prefix(recv.src_idx, recv_counts, src_tokens, channels),
+        recv_src_idx=recv.src_idx,
         is_token_in_rank=is_token_in_rank,
-        send_head=torch.where(is_token_in_rank, sent_before, -1).to(torch.int32),
+        send_head=position_in_group(is_token_in_rank),
         send_order=order,
         send_counts=tuple(send_counts),
         recv_counts=tuple(recv_counts),
@@ -218,8 +189,80 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
         hidden=x.size(1),
         buffer_uid=buffer_uid,
     )
-    return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_list if
-                          num_worst_tokens == 0 else [], handle)
+    return DispatchResult(recv_x, recv.scales, recv.topk_idx, recv.topk_weights, recv.counts, handle)
+
+
+def padded_rows(like: torch.Tensor, rows: int, num_recv: int) -> torch.Tensor:
+    """``[rows, H]`` like ``like``, rows from ``num_recv`` on zeroed (``num_worst_tokens`` padding)."""
+    out = like.new_empty(rows, like.size(1))
+    out[num_recv:].view(torch.uint8).zero_()
+    return out
+
+
+def position_in_group(mask: torch.Tensor) -> torch.Tensor:
+    """``[T, G] bool -> [T, G] int32``: rank of row t among the rows selected in column g, or -1.
+
+    DeepEP's ``send_head``. Example: ``[[1, 0], [1, 1], [0, 1]] -> [[0, -1], [1, 0], [-1, 1]]``.
+    """
+    before = torch.cumsum(mask.to(torch.int32), 0, dtype=torch.int32) - 1
+    return torch.where(mask, before, -1).to(torch.int32)
+
+
+def pack_token_meta(order: torch.Tensor, topk_idx: Optional[torch.Tensor],
+                    topk_weights: Optional[torch.Tensor], scales: Optional[torch.Tensor],
+                    extra: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
+    """Metadata of the tokens ``order`` selects, one packed ``uint8`` row each, and its specs.
+
+    Fields, in order: source index (int32), then top-k ids and weights if given, then ``extra``
+    (already in send order) if given, then scales if given. :func:`finish_receive` reads them.
+    """
+    parts, specs = [order.to(torch.int32).unsqueeze(1)], [(torch.int32, 1)]
+    if topk_idx is not None:
+        parts += [topk_idx.index_select(0, order), topk_weights.index_select(0, order)]
+        specs += [(torch.int64, topk_idx.size(1)), (torch.float32, topk_idx.size(1))]
+    if extra is not None:
+        parts.append(extra)
+        specs.append((extra.dtype, extra.size(1)))
+    if scales is not None:
+        parts.append(scales.index_select(0, order))
+        specs.append((scales.dtype, scales.size(1)))
+    return pack_rows(parts), specs
+
+
+@dataclass(frozen=True)
+class Received:
+    """Per-row outputs of a dispatch, padded to ``rows`` (``num_worst_tokens`` when used)."""
+
+    src_idx: torch.Tensor  # [rows] int32, -1 in padding
+    topk_idx: Optional[torch.Tensor]  # [rows, K] int64 local ids, -1 elsewhere and in padding
+    topk_weights: Optional[torch.Tensor]  # [rows, K] float32, 0 where topk_idx is -1
+    scales: Optional[torch.Tensor]  # [rows, S], zeros in padding
+    counts: Optional[list]  # aligned per-local-expert counts, [] with num_worst_tokens
+
+
+def finish_receive(tp: Transport, fields: Sequence[torch.Tensor], rows: int, num_recv: int,
+                   topk_idx: Optional[torch.Tensor], scales: Optional[torch.Tensor], num_experts: int,
+                   num_worst_tokens: int, expert_alignment: int,
+                   num_tokens_per_expert: Optional[torch.Tensor]) -> Received:
+    """Turn the received metadata fields (in flat receive order) into DeepEP's outputs."""
+    local = num_experts // tp.world
+    src_idx = torch.full((rows,), -1, dtype=torch.int32)
+    src_idx[:num_recv] = fields[0].view(-1)
+    recv_idx = recv_w = recv_scales = per_expert = None
+    if topk_idx is not None:
+        local_idx = to_local_expert_ids(fields[1], tp.rank, local)
+        recv_idx = torch.full((rows, topk_idx.size(1)), -1, dtype=torch.int64)
+        recv_idx[:num_recv] = local_idx
+        recv_w = torch.zeros(rows, topk_idx.size(1), dtype=torch.float32)
+        recv_w[:num_recv] = torch.where(local_idx >= 0, fields[2], 0.0)
+        per_expert = torch.bincount(local_idx[local_idx >= 0], minlength=local).tolist()
+    elif num_worst_tokens == 0:
+        per_expert = exchange_expert_counts(tp, num_tokens_per_expert, local)
+    if scales is not None:
+        recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
+        recv_scales[:num_recv] = fields[-1]
+    counts = [] if num_worst_tokens else aligned_expert_counts(per_expert, expert_alignment)
+    return Received(src_idx, recv_idx, recv_w, recv_scales, counts)
 
 
 def exchange_expert_counts(tp: Transport, num_tokens_per_expert: torch.Tensor, local: int) -> list:
@@ -235,9 +278,7 @@ def cached_dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tenso
     """Send ``x`` (and scales) along ``handle``'s routing; same rows, same order, no counts round."""
     rows = handle.num_rows
     num_recv = handle.num_recv_tokens
-    recv_x = x.new_empty(rows, x.size(1))
-    if rows > num_recv:
-        recv_x[num_recv:].view(torch.uint8).zero_()
+    recv_x = padded_rows(x, rows, num_recv)
     sends, recvs = [wire_view(x).index_select(0, handle.send_order)], [recv_x[:num_recv]]
     recv_scales = None
     if scales is not None:
