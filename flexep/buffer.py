@@ -669,7 +669,7 @@ class Buffer:
             V.check_tensor("combine_wait_recv_cost_stats", wait_stats, dim=1, dtypes=(torch.int64,),
                            rows=self.group_size)
         if not zero_copy:
-            return x
+            return low_latency.aligned(x)
         buf = self._ll_state
         if buf is None or tuple(buf.shape) != shape or buf.device != x.device:
             raise ValueError("zero_copy=True reads get_next_low_latency_combine_buffer(handle): call it "

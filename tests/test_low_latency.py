@@ -50,8 +50,16 @@ def test_send_index_worked_example():
 
 def test_wire_row_worked_example():
     row = ll.WireRow.of(256, 2, torch.bfloat16, use_fp8=True, use_ue8m0=False)
-    assert (row.scale_offset, row.src_offset, row.ids_offset, row.nbytes) == (256, 264, 268, 276)
-    assert ll.WireRow.of(256, 2, torch.bfloat16, use_fp8=False, use_ue8m0=False).nbytes == 512 + 12
+    assert (row.scale_offset, row.src_offset, row.ids_offset, row.ids_end, row.nbytes) == \
+        (256, 264, 268, 276, 288)
+    assert ll.WireRow.of(256, 2, torch.bfloat16, use_fp8=False, use_ue8m0=False).nbytes == 528
+
+
+def test_as_words_views_rows_as_the_widest_word():
+    x = torch.zeros(4, 6, dtype=torch.bfloat16)
+    assert ll.as_words(x).shape == (4, 3) and ll.as_words(x).dtype == torch.int32
+    assert ll.as_words(torch.zeros(2, 16, dtype=torch.uint8)).dtype == torch.int64
+    assert ll.as_words(torch.zeros(2, 16, dtype=torch.uint8)[:, 1:4]).dtype == torch.uint8
 
 
 def _local_round_trip(x, topk_idx, weights, y_scale):
