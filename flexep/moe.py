@@ -178,19 +178,24 @@ class GroupedExperts(torch.nn.Module):
     (buffer) names the logical expert held by each local slot; checkpoints key weights by it.
     """
 
-    def __init__(self, logical_ids: torch.Tensor, hidden: int, intermediate: int, seed: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, logical_ids: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 w_down: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("logical_ids", logical_ids.to(torch.int64).clone(), persistent=False)
-        init = {name: torch.stack([_seeded_normal(shape, std, seed, f"experts.{name}", int(e))
-                                   for e in logical_ids.tolist()]).to(dtype)
-                if logical_ids.numel() else torch.zeros((0, *shape), dtype=dtype)
-                for name, shape, std in (("w_gate", (hidden, intermediate), hidden ** -0.5),
-                                         ("w_up", (hidden, intermediate), hidden ** -0.5),
-                                         ("w_down", (intermediate, hidden), intermediate ** -0.5))}
-        self.w_gate = torch.nn.Parameter(init["w_gate"])
-        self.w_up = torch.nn.Parameter(init["w_up"])
-        self.w_down = torch.nn.Parameter(init["w_down"])
+        self.w_gate = torch.nn.Parameter(w_gate)
+        self.w_up = torch.nn.Parameter(w_up)
+        self.w_down = torch.nn.Parameter(w_down)
+
+    @classmethod
+    def seeded(cls, logical_ids: torch.Tensor, hidden: int, intermediate: int, seed: int,
+               dtype: torch.dtype = torch.float32) -> GroupedExperts:
+        """Experts initialised per logical id (a replica is a copy), independent of placement."""
+        def init(name: str, shape: tuple, std: float) -> torch.Tensor:
+            rows = [_seeded_normal(shape, std, seed, f"experts.{name}", e) for e in logical_ids.tolist()]
+            return torch.stack(rows).to(dtype)
+        return cls(logical_ids, init("w_gate", (hidden, intermediate), hidden ** -0.5),
+                   init("w_up", (hidden, intermediate), hidden ** -0.5),
+                   init("w_down", (intermediate, hidden), intermediate ** -0.5))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x: [S, H]`` rows sorted by local expert, ``counts: [L] int64`` -> ``[S, H]``."""
@@ -266,8 +271,8 @@ class MoELayer(torch.nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
-        self.experts = GroupedExperts(placement.physical_to_logical[rank * local:(rank + 1) * local],
-                                      config.hidden, config.intermediate, seed, dtype)
+        self.experts = GroupedExperts.seeded(placement.physical_to_logical[rank * local:(rank + 1) * local],
+                                             config.hidden, config.intermediate, seed, dtype)
         self.shared = (SwiGLU(config.hidden, config.num_shared_experts * config.intermediate, seed, dtype)
                        if config.num_shared_experts else None)
 
@@ -292,6 +297,44 @@ class MoELayer(torch.nn.Module):
             load.double().mean() - load.double()).float()
         self.tokens_per_expert.zero_()
         return load
+
+    @torch.no_grad()
+    def apply_placement(self, placement: Placement) -> None:
+        """Move the expert weights to a new EPLB placement (collective over the buffer's group).
+
+        Every rank must pass the same placement (e.g. :func:`~flexep.eplb.rebalance` of the load
+        :meth:`update_routing_bias` returned). Each new slot receives its logical expert from
+        the rank holding that expert's first replica now, in one ``all_to_all_single`` of whole
+        expert rows. The expert parameters are replaced, so optimizer state does not carry over:
+        an inference-time operation (train with one replica per expert).
+        """
+        world, rank = self.buffer.group_size, self.buffer.rank
+        if placement.num_logical != self.config.num_experts or placement.num_ranks != world:
+            raise ValueError(f"placement is for {placement.num_logical} experts on "
+                             f"{placement.num_ranks} ranks, expected {self.config.num_experts} "
+                             f"experts on {world} ranks")
+        ex, old_local, new_local = self.experts, self.placement.experts_per_rank, placement.experts_per_rank
+        source_slot = self.placement.logical_to_physical[:, 0].tolist()  # [E] global slot
+        wanted = placement.physical_to_logical.view(world, new_local).tolist()
+        rows = torch.cat([ex.w_gate.flatten(1), ex.w_up.flatten(1), ex.w_down.flatten(1)], 1)
+        # Send, per destination in its slot order, the experts whose source slot is here; receive
+        # grouped by source rank (all_to_all order), in this rank's slot order inside a group.
+        source_rank = [slot // old_local for slot in source_slot]
+        send = [[source_slot[e] - rank * old_local for e in wanted[d] if source_rank[e] == rank]
+                for d in range(world)]
+        mine = sorted(range(new_local), key=lambda j: (source_rank[wanted[rank][j]], j))
+        recv_counts = [sum(source_rank[e] == s for e in wanted[rank]) for s in range(world)]
+        received = rows.new_empty(new_local, rows.size(1))
+        dist.all_to_all_single(received, rows[sum(send, [])].contiguous(), recv_counts,
+                               [len(d) for d in send], group=self.buffer.group)
+        moved = torch.empty_like(received)
+        moved[mine] = received
+        h, i = self.config.hidden, self.config.intermediate
+        gate, up, down = moved.split([h * i, h * i, i * h], 1)
+        self.experts = GroupedExperts(placement.physical_to_logical[rank * new_local:(rank + 1) * new_local],
+                                      gate.reshape(new_local, h, i), up.reshape(new_local, h, i),
+                                      down.reshape(new_local, i, h))
+        self.placement = placement
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, low_latency: Optional[bool] = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from flexep.eplb import (
     replicate,
 )
 from flexep.launch import run_local
+from flexep.moe import MoEConfig, MoELayer
 
 
 def zipf_load(num_experts: int, s: float = 1.2, seed: int = 0) -> torch.Tensor:
@@ -111,6 +112,8 @@ def test_placement_errors_name_the_argument():
 # ---- dispatch/combine through replicas ----------------------------------------------------------
 E, TOKENS, TOPK = 8, 12, 3
 HOT_LOAD = torch.tensor([50.0, 1, 2, 30, 1, 8, 1, 20])
+LAYER_CFG = MoEConfig(hidden=16, intermediate=24, num_experts=E, topk=3, n_group=4, topk_group=2,
+                      num_shared_experts=1)
 
 
 def _inputs(rank: int):
@@ -137,17 +140,55 @@ def _through(buf, placement: Placement, topk, x, w):
     return out, counts, local
 
 
+def _scaled_layer(buf, placement=None) -> MoELayer:
+    """A layer whose expert weights depend on the logical id only, and not just on the seed."""
+    layer = MoELayer(LAYER_CFG, buf, placement=placement, seed=4)
+    with torch.no_grad():
+        scale = (1 + 0.1 * layer.experts.logical_ids.float()).view(-1, 1, 1)
+        for t in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down):
+            t.mul_(scale)
+    return layer
+
+
+def _apply_placement(buf, rank: int) -> dict:
+    layer = _scaled_layer(buf)
+    x = torch.randn(6, LAYER_CFG.hidden, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        before = layer(x)
+        new = global_placement(HOT_LOAD, 12, buf.group_size)
+        layer.apply_placement(new)
+        moved = layer(x)
+        expected = _scaled_layer(buf, new).experts
+        same = all(torch.equal(getattr(layer.experts, n), getattr(expected, n))
+                   for n in ("w_gate", "w_up", "w_down", "logical_ids"))
+        layer.apply_placement(Placement.identity(E, buf.group_size))
+        return dict(before=before, moved=moved, back=layer(x), weights_moved_right=same)
+
+
 def _worker(rank: int, world: int) -> dict:
     buf = flexep.Buffer(dist.group.WORLD)
     topk, x, w = _inputs(rank)
     replicated = global_placement(HOT_LOAD, 12, world)
     plain, _, _ = _through(buf, Placement.identity(E, world), topk, x, w)
     out, counts, local = _through(buf, replicated, topk, x, w)
-    return dict(plain=plain, replicated=out, counts=counts, local=local, placement=replicated)
+    return dict(plain=plain, replicated=out, counts=counts, local=local, placement=replicated,
+                layer=_apply_placement(buf, rank))
 
 
-def test_dispatch_combine_with_replicas_is_exact():
-    results = run_local(_worker, 4, timeout=120)
+@pytest.fixture(scope="module")
+def results():
+    return run_local(_worker, 4, timeout=120)
+
+
+def test_apply_placement_moves_weights_and_keeps_outputs(results):
+    for res in results:
+        out = res["layer"]
+        assert out["weights_moved_right"]
+        torch.testing.assert_close(out["moved"], out["before"], rtol=1e-6, atol=1e-6)
+        assert torch.equal(out["back"], out["before"])
+
+
+def test_dispatch_combine_with_replicas_is_exact(results):
     placement = results[0]["placement"]
     assert int(placement.replica_counts[0]) >= 2, "the hot expert must be replicated for this test"
     for rank, res in enumerate(results):
