@@ -92,6 +92,8 @@ class Transport:
         self._deadline = float("inf")
         self.stats = TrafficStats()
         self._global = dist.get_process_group_ranks(group)
+        # Gloo survives a timed-out wait (it can be waited on again); other backends may not.
+        self._sliced = dist.get_backend(group) == "gloo"
 
     # ---- call lifecycle -------------------------------------------------------------------
     def begin(self, op: str) -> int:
@@ -191,21 +193,51 @@ class Transport:
             self.stats.messages += 1
 
     def _wait(self, works, phase: str, members: Sequence[int]) -> None:
+        watcher: Optional[_FailureWatcher] = None
         try:
             for w in works:
-                left = self.remaining()
-                if left <= 0:
-                    raise TimeoutError("deadline passed before the wait started")
-                w.wait(timeout=timedelta(seconds=left))
+                watcher = self._wait_one(w, watcher)
         except Exception as exc:  # noqa: BLE001 - every backend error is re-raised, typed
             raise self._failure(phase, exc, members) from exc
+        finally:
+            if watcher is not None:
+                watcher.stop()
         self.fault_point(f"after_{phase}")
+
+    def _wait_one(self, work, watcher: Optional[_FailureWatcher]) -> Optional[_FailureWatcher]:
+        """Wait for ``work`` until the deadline; on Gloo, give up early if a peer reported a failure.
+
+        Gloo collectives (ring all-gather, ...) do not connect every pair, so a rank whose
+        neighbours are alive would only notice a dead peer at its own deadline, long after the
+        ranks next to the victim. On Gloo the wait is therefore cut into slices; once a wait has
+        lasted one slice, a watcher thread polls the store for a failure another rank posted
+        (the store is never touched on this thread: a frozen store host must not block it).
+        Other backends get one wait with the time left (a timed-out NCCL wait may abort).
+        """
+        while True:
+            left = self.remaining()
+            if left <= 0:
+                raise TimeoutError("deadline passed before the wait started")
+            sliced = self._sliced and left > _SLICE
+            try:
+                work.wait(timeout=timedelta(seconds=_SLICE if sliced else left))
+                return watcher
+            except RuntimeError as exc:
+                if not sliced or "timed out" not in str(exc).lower():
+                    raise
+            if watcher is None:
+                watcher = _FailureWatcher(self._failure_key())
+            if watcher.report is not None:
+                raise RuntimeError(f"stopped waiting: {watcher.report}")
+
+    def _failure_key(self) -> str:
+        return f"flexep/{self.uid}/failed"
 
     def _failure(self, phase: str, exc: BaseException, members: Sequence[int]) -> FlexepRuntimeError:
         """Classify a failed wait, name the peers not heard from, and poison the transport."""
         text = str(exc)
         timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
-        missing = self._roll_call(members)
+        missing = self._roll_call(members, f"rank {self.rank} in {self.op}/{phase}: {text.strip()[:300]}")
         who = f"rank(s) {missing}" if missing else "no rank identified (all answered the roll call)"
         kind = CommTimeoutError if timed_out else PeerFailureError
         what = f"timed out after {self.timeout:g} s" if timed_out else "lost a peer"
@@ -214,46 +246,90 @@ class Transport:
         self.broken = err
         return err
 
-    def _roll_call(self, members: Sequence[int]) -> list[int]:
+    def _roll_call(self, members: Sequence[int], report: str) -> list[int]:
         """EP ranks among ``members`` that do not answer through the rendezvous store.
 
-        Survivors of a failed exchange each post a key and wait a short window for the others;
-        a dead or frozen peer never posts. The key is per Buffer and rank, not per call: a
+        Survivors of a failed exchange post ``report`` (so peers still waiting stop early, see
+        :meth:`_wait_one`), then each posts a key and waits a short window for the others; a
+        dead or frozen peer never posts. The key is per Buffer and rank, not per call: a
         transport holds at most one roll call (it is broken afterwards), and survivors that
         fail in different calls (one finished the exchange, the other did not) still find
         each other. Store calls can block forever when the store's host is frozen (SIGSTOP),
         so they run in a helper thread joined with a deadline; a store that is gone or does
         not answer in time means its host (global rank 0) is the one not heard from.
         """
-        try:
-            store = dist.distributed_c10d._get_default_store()
-        except Exception:  # noqa: BLE001 - no store means no evidence, not a new failure
+        store = _default_store()
+        if store is None:  # no store means no evidence, not a new failure
             return []
         window = min(5.0, max(1.0, self.timeout / 4))
         result: dict = {}
         helper = threading.Thread(target=self._answer_roll_call, name="flexep-roll-call", daemon=True,
-                                  args=(store, [p for p in members if p != self.rank], window, result))
+                                  args=(store, [p for p in members if p != self.rank], window, report,
+                                        result))
         helper.start()
         helper.join(window + 1.0)
         if "missing" in result:
-            return result["missing"]
+            return list(result["missing"])
         host = self._global.index(0) if 0 in self._global else None
         return [host] if host is not None and host != self.rank else []
 
-    def _answer_roll_call(self, store, peers: list[int], window: float, result: dict) -> None:
-        """Post this rank's key, then poll the peers' keys for ``window`` seconds."""
+    def _answer_roll_call(self, store, peers: list[int], window: float, report: str, result: dict) -> None:
+        """Post the failure and this rank's key, then poll the peers' keys for ``window`` seconds."""
         prefix = f"flexep/{self.uid}/rollcall/"
         try:
+            store.set(self._failure_key(), report)
             store.set(prefix + str(self.rank), str(self.seq))
             end = time.monotonic() + window
             missing = list(peers)
-            while missing and time.monotonic() < end:
+            while True:
                 missing = [p for p in missing if not store.check([prefix + str(p)])]
-                if missing:
-                    time.sleep(0.05)
-            result["missing"] = missing
-        except Exception:  # noqa: BLE001 - the store died with its host process
-            result["store_error"] = True
+                # Kept after every poll: if the store's host exits (it may be a survivor that
+                # finished its own roll call first), what was learned so far still stands.
+                result["missing"] = missing
+                if not missing or time.monotonic() >= end:
+                    return
+                time.sleep(0.05)
+        except Exception as exc:  # noqa: BLE001 - the store died with its host process
+            result["store_error"] = exc
+
+
+_SLICE = 0.25  # seconds a Gloo wait runs before the failure watcher starts / is consulted
+
+
+def _default_store():
+    """The default group's rendezvous store, or None when there is none."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - e.g. a group built without init_process_group
+        return None
+
+
+class _FailureWatcher:
+    """Daemon thread polling the store for a failure posted by another rank.
+
+    ``report`` becomes the posted text once seen. The thread may stay blocked inside a store
+    call if the store's host is frozen; it is a daemon and holds nothing the caller waits on.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key, self.report = key, None
+        self._stop = threading.Event()
+        self._store = _default_store()
+        if self._store is not None:
+            threading.Thread(target=self._poll, name="flexep-failure-watcher", daemon=True).start()
+
+    def _poll(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._store.check([self.key]):
+                    self.report = self._store.get(self.key).decode(errors="replace")
+                    return
+                self._stop.wait(_SLICE)
+        except Exception:  # noqa: BLE001 - a dead store: the waits still end at the deadline
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:

@@ -1,0 +1,334 @@
+"""Failures between ranks: mismatched calls, dead and stalled peers, corrupted data, determinism.
+
+Rows of the reliability matrix (``reliability-matrix.md`` §10) covered here:
+
+* B1/B2 mismatch detection and B3 verify mode, on one 2-rank spawn (:func:`world2`);
+* F2 determinism, D1 slow-but-in-time rank and C4 frozen (SIGSTOP) rank, on one 4-rank spawn
+  (:func:`stall_run`), in that order because the stall poisons the group;
+* C1-C3, C5, C6 and the store-host victim, one 4-rank spawn each (a dead rank poisons the group).
+
+Every spawn warms up on a Buffer with a long timeout first, so process start-up skew never
+counts against the short (2-3 s) timeouts under test. Workers only record what happened; the
+parent asserts. Inputs are small integers in float32, so every sum is exact and the oracle of a
+round trip is simply ``combine(dispatch(x)) == x * (number of ranks that received the token)``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import os
+import signal
+import time
+from collections import Counter
+from datetime import timedelta
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flexep import Buffer
+from flexep.launch import free_port, run_local
+
+T_FAULT = 3.0  # Buffer(timeout=...) of the fault scenarios
+MARGIN = 8.0  # allowed lateness on a loaded 2-core box (roll call window included)
+SPAWN_LIMIT = 90.0  # parent deadline for one spawn
+
+
+# ---- helpers running inside the workers ----------------------------------------------------
+def _inputs(rank: int, world: int, *, tokens: int = 8, hidden: int = 64, experts: Optional[int] = None,
+            topk: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Integer-valued ``x``, random routing with some ``-1`` slots, and weights."""
+    experts = experts or 4 * world
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randint(-8, 8, (tokens, hidden), generator=gen).to(dtype)
+    idx = torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices
+    idx[torch.rand(idx.shape, generator=gen) < 0.2] = -1
+    w = torch.rand(tokens, topk, generator=gen)
+    return x, idx.contiguous(), w, experts
+
+
+def _dispatch(buf: Buffer, x, idx, w, experts: int, **kw):
+    ntr, _, nte, itr, _ = buf.get_dispatch_layout(idx, experts)
+    out = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                       topk_idx=idx, topk_weights=w, **kw)
+    return out, itr
+
+
+def _roundtrip(buf: Buffer, rank: int, world: int, seed: int = 0) -> bool:
+    """Dispatch then combine the received rows; True if the result is exact."""
+    x, idx, w, experts = _inputs(rank, world, seed=seed)
+    (recv_x, _, _, _, handle, _), itr = _dispatch(buf, x, idx, w, experts)
+    out, _, _ = buf.combine(recv_x, handle)
+    return torch.equal(out, x * itr.sum(1, keepdim=True).to(x.dtype))
+
+
+def _describe(exc: BaseException) -> dict:
+    """What the parent needs to judge an exception (exceptions are compared by class name)."""
+    return dict(types=[k.__name__ for k in type(exc).__mro__], msg=str(exc),
+                ranks=list(getattr(exc, "ranks", ())), op=getattr(exc, "op", ""),
+                phase=getattr(exc, "phase", ""),
+                cause=None if exc.__cause__ is None else type(exc.__cause__).__name__)
+
+
+def _attempt(fn) -> dict:
+    """Run ``fn``; report its result or exception and the seconds it took."""
+    start = time.monotonic()
+    try:
+        value = fn()
+        return dict(ok=True, value=value, elapsed=time.monotonic() - start)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return dict(ok=False, err=_describe(exc), elapsed=time.monotonic() - start)
+
+
+class Fault:
+    """Fault hook: on ``victims``, act at the ``nth`` occurrence of ``phase`` once armed.
+
+    Actions: ``exit`` (``os._exit``), ``kill`` (SIGKILL self), ``stop`` (SIGSTOP self, after
+    posting its pid in the store so a survivor can kill it), ``sleep`` (then ``os._exit``).
+    ``slow`` ranks sleep ``slow_s`` before every header (in time, D1).
+    """
+
+    def __init__(self, rank: int, spec: dict) -> None:
+        self.rank, self.spec, self.armed, self.seen = rank, spec, False, Counter()
+
+    def __call__(self, phase: str) -> None:
+        if not self.armed:
+            return
+        spec = self.spec
+        if self.rank in spec.get("slow", ()) and phase == "before_header":
+            time.sleep(spec["slow_s"])
+        if self.rank not in spec.get("victims", ()) or phase != spec.get("phase"):
+            return
+        self.seen[phase] += 1
+        if self.seen[phase] != spec.get("nth", 1):
+            return
+        action = spec["action"]
+        if action == "exit":
+            os._exit(0)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "stop":
+            dist.distributed_c10d._get_default_store().set(f"test/victim_pid/{self.rank}", str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if action == "sleep":
+            time.sleep(spec["sleep_s"])
+            os._exit(0)
+
+
+def _warm_up(rank: int, world: int) -> None:
+    """One round trip with a long timeout: every rank has started before short timeouts run."""
+    assert _roundtrip(Buffer(dist.group.WORLD, timeout=60), rank, world)
+
+
+def _fault_round(rank: int, world: int, spec: dict) -> dict:
+    """Rounds of dispatch + combine on a short-timeout Buffer with the fault hook armed."""
+    hook = Fault(rank, spec)
+    buf = Buffer(dist.group.WORLD, timeout=spec.get("timeout", T_FAULT), explicitly_destroy=True,
+                 _fault_hook=hook)
+    hook.armed = True
+    rep = dict(rank=rank, rounds_ok=0)
+    for i in range(spec.get("rounds", 2)):
+        args = _inputs(rank, world, seed=i)
+        got = _attempt(functools.partial(_dispatch, buf, *args))
+        if got["ok"]:
+            (recv_x, _, _, _, handle, _), itr = got["value"]
+            got = _attempt(functools.partial(buf.combine, recv_x, handle))
+            if got["ok"]:
+                rep["rounds_ok"] += int(torch.equal(got["value"][0], args[0] * itr.sum(1, keepdim=True)))
+                continue
+        rep["failure"] = dict(err=got["err"], elapsed=got["elapsed"])
+        nxt = _attempt(functools.partial(_dispatch, buf, *args))
+        rep["next"] = dict(err=nxt.get("err"), elapsed=nxt["elapsed"])
+        start = time.monotonic()
+        buf.destroy()
+        rep["destroy_s"] = time.monotonic() - start
+        break
+    return rep
+
+
+def _kill_stopped(victims) -> None:
+    """Survivor side of the ``stop`` action: SIGKILL the frozen victims (never the store host)."""
+    store = dist.distributed_c10d._get_default_store()
+    for v in victims:
+        os.kill(int(store.get(f"test/victim_pid/{v}")), signal.SIGKILL)
+
+
+def _recover(rank: int, survivors: list, port: int) -> dict:
+    """C5: survivors rebuild a group on a fresh store and pass a full round trip."""
+    start = time.monotonic()
+    dist.destroy_process_group()
+    new_rank = survivors.index(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=new_rank,
+                            world_size=len(survivors), timeout=timedelta(seconds=60))
+    ok = _roundtrip(Buffer(dist.group.WORLD, timeout=30), new_rank, len(survivors), seed=7)
+    return dict(ok=ok, seconds=time.monotonic() - start)
+
+
+def _exit_fast() -> None:
+    """Skip interpreter teardown once the result is sent: Gloo's destructor would otherwise wait
+    for the exchange abandoned at the failure until the group's own (long) timeout."""
+    atexit.register(os._exit, 0)
+
+
+def _fault_worker(rank: int, world: int, spec: dict) -> dict:
+    _exit_fast()
+    _warm_up(rank, world)
+    rep = _fault_round(rank, world, spec)
+    survivors = [r for r in range(world) if r not in spec["victims"]]
+    if spec.get("recover_port"):
+        rep["recovery"] = _recover(rank, survivors, spec["recover_port"])
+    return rep
+
+
+# ---- checks in the parent ----------------------------------------------------------------
+def _survivor_reports(results: list, victims) -> list[dict]:
+    reports = [r for i, r in enumerate(results) if i not in victims]
+    bad = [r for r in reports if not isinstance(r, dict)]
+    assert not bad, bad
+    for i in victims:  # the victims never report back
+        assert not isinstance(results[i], dict), results[i]
+    return reports
+
+
+def _check_failure(rep: dict, victims, kinds: tuple, *, low: float = 0.0, high: float) -> None:
+    """The survivor raised a flexep error of ``kinds`` naming exactly ``victims`` in time."""
+    fail = rep.get("failure")
+    assert fail is not None, rep
+    err = fail["err"]
+    assert any(k in err["types"] for k in kinds), err
+    assert "FlexepRuntimeError" in err["types"] and "RuntimeError" in err["types"], err
+    assert sorted(err["ranks"]) == sorted(victims), err
+    assert f"not heard from: rank(s) {sorted(victims)}" in err["msg"], err["msg"]
+    assert err["cause"] is not None, err  # the backend's own exception is chained
+    assert low <= fail["elapsed"] <= high, (fail["elapsed"], low, high)
+    nxt = rep["next"]
+    assert nxt["err"] is not None and "BrokenCommunicatorError" in nxt["err"]["types"], nxt
+    assert "not heard from" in nxt["err"]["msg"], nxt  # it quotes the first failure
+    assert nxt["elapsed"] < 1.0, nxt
+    assert rep["destroy_s"] < 1.0, rep
+
+
+def _spawn(spec: dict, world: int = 4) -> list:
+    return run_local(_fault_worker, world, (spec,), timeout=SPAWN_LIMIT, allow_failures=True)
+
+
+# ---- C1 + C5: death before a dispatch, then recovery on a fresh store ---------------------
+@pytest.mark.timeout(150)
+def test_death_before_dispatch_then_recovery():
+    """Rank 3 exits at the start of its second dispatch; survivors name it, then rebuild."""
+    spec = dict(victims=[3], phase="before_header", nth=3, action="exit", recover_port=free_port())
+    reports = _survivor_reports(_spawn(spec), [3])
+    for rep in reports:
+        assert rep["rounds_ok"] == 1, rep  # the healthy first round was exact
+        _check_failure(rep, [3], ("PeerFailureError", "CommTimeoutError"), high=T_FAULT + MARGIN)
+        assert rep["failure"]["err"]["op"] == "dispatch", rep
+        assert rep["recovery"]["ok"], rep
+        assert rep["recovery"]["seconds"] < 30, rep
+
+
+# ---- C2, C3, C6, store host: deaths at other points ---------------------------------------
+DEATHS = [
+    # C3: exit between dispatch and combine (the second header of the round is combine's)
+    dict(id="exit_between_dispatch_and_combine", victims=[1], phase="before_header", nth=2,
+         action="exit", op="combine"),
+    # C2 + C6: two ranks SIGKILLed between the header (counts) round and the payload: both named
+    dict(id="two_sigkilled_between_header_and_payload", victims=[1, 3], phase="before_payload",
+         action="kill", op="dispatch"),
+    # rank 0 hosts the store: its death takes the store down, the roll call names the host
+    dict(id="store_host_dies_after_header", victims=[0], phase="after_header", action="exit",
+         op="dispatch"),
+]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("spec", DEATHS, ids=lambda s: s["id"])
+def test_peer_death(spec: dict):
+    reports = _survivor_reports(_spawn(spec), spec["victims"])
+    for rep in reports:
+        _check_failure(rep, spec["victims"], ("PeerFailureError", "CommTimeoutError"),
+                       high=T_FAULT + MARGIN)
+        assert rep["failure"]["err"]["op"] == spec["op"], rep
+
+
+@pytest.mark.timeout(150)
+def test_store_host_stalls_past_the_timeout():
+    """C4 on rank 0: it sleeps in the header; the store still answers, so it is named exactly."""
+    spec = dict(victims=[0], phase="before_header", action="sleep", sleep_s=T_FAULT + 5)
+    reports = _survivor_reports(_spawn(spec), [0])
+    for rep in reports:
+        _check_failure(rep, [0], ("CommTimeoutError",), low=T_FAULT - 0.05, high=T_FAULT + MARGIN)
+        assert "TimeoutError" in rep["failure"]["err"]["types"]
+        assert rep["failure"]["err"]["phase"] == "header", rep
+
+
+# ---- F2 + D1 + C4: healthy work, a slow rank, then a frozen rank --------------------------
+def _digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _deterministic_outputs(rank: int, world: int, channels: int) -> str:
+    """Digest of every output of a bf16 dispatch + weighted combine on ``channels`` channels."""
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(48, 256, generator=gen).bfloat16()  # non-integer: summation order matters
+    idx = torch.rand(48, 16, generator=gen).topk(4, dim=1).indices
+    w = torch.rand(48, 4, generator=gen)
+    buf = Buffer(dist.group.WORLD, timeout=60, num_channels=channels)
+    (recv_x, recv_idx, recv_w, counts, handle, _), _ = _dispatch(buf, x, idx, w, 16)
+    y = (recv_x.float() * 1.37 + rank).bfloat16()  # an "expert" that is not the identity
+    out, out_w, _ = buf.combine(y, handle, topk_weights=recv_w, bias=x)
+    cached, *_ = buf.dispatch(x, handle=handle)
+    return _digest(recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, out, out_w, cached)
+
+
+def _stall_worker(rank: int, world: int, spec: dict) -> dict:
+    _exit_fast()
+    _warm_up(rank, world)
+    digests = {c: _deterministic_outputs(rank, world, c) for c in (1, 2, 3, 4)}
+    digests["1_again"] = _deterministic_outputs(rank, world, 1)
+    slow = dict(slow=[2], slow_s=spec["slow_s"], victims=[], timeout=spec["slow_timeout"], rounds=2)
+    slow_rep = _fault_round(rank, world, slow)
+    stall = dict(victims=[2], phase="before_payload", action="stop")
+    rep = _fault_round(rank, world, stall)  # rank 2 freezes inside and never returns
+    if rank == 0:
+        _kill_stopped([2])
+    return dict(digests=digests, slow=slow_rep, stall=rep)
+
+
+@pytest.fixture(scope="module")
+def stall_run() -> list:
+    spec = dict(slow_s=1.0, slow_timeout=2.5)
+    return run_local(_stall_worker, 4, (spec,), timeout=SPAWN_LIMIT, allow_failures=True)
+
+
+@pytest.mark.timeout(150)
+def test_determinism_across_runs_and_channels(stall_run):
+    """F2: bitwise-identical outputs on every rank for 1-4 channels and on a repeated run."""
+    for rank in (0, 1, 3):
+        digests = stall_run[rank]["digests"]
+        assert len(set(digests.values())) == 1, (rank, digests)
+
+
+@pytest.mark.timeout(150)
+def test_slow_rank_within_timeout_succeeds(stall_run):
+    """D1: rank 2 sleeps half the timeout before every call; every call is exact, none times out."""
+    for rank in (0, 1, 3):
+        slow = stall_run[rank]["slow"]
+        assert "failure" not in slow, slow
+        assert slow["rounds_ok"] == 2, slow
+
+
+@pytest.mark.timeout(150)
+def test_frozen_rank_times_out(stall_run):
+    """C4: rank 2 is frozen with SIGSTOP before its payload; survivors time out naming it."""
+    assert not isinstance(stall_run[2], dict), stall_run[2]  # killed while frozen
+    for rank in (0, 1, 3):
+        rep = stall_run[rank]["stall"]
+        _check_failure(rep, [2], ("CommTimeoutError",), low=T_FAULT - 0.05, high=T_FAULT + MARGIN)
+        assert rep["failure"]["err"]["phase"] == "payload", rep
