@@ -332,3 +332,195 @@ def test_frozen_rank_times_out(stall_run):
         rep = stall_run[rank]["stall"]
         _check_failure(rep, [2], ("CommTimeoutError",), low=T_FAULT - 0.05, high=T_FAULT + MARGIN)
         assert rep["failure"]["err"]["phase"] == "payload", rep
+
+
+# ---- B1, B2, B3 on two ranks ---------------------------------------------------------------
+# (name, header field, arguments rank 1 uses instead of the defaults of _inputs)
+MISMATCHES = [
+    ("hidden", "hidden", dict(hidden=128)),
+    ("dtype", "x_dtype", dict(dtype=torch.bfloat16)),
+    ("num_experts", "num_experts", dict(experts=16)),
+    ("top_k", "num_topk", dict(topk=3)),
+]
+
+
+class _DoneWork:
+    """A finished ``Work`` for the corrupting all-to-all below."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+def _corrupting_all_to_all(original, mode: str):
+    """``all_to_all_single`` that alters what this rank received from rank 0 (float data only).
+
+    ``alter`` adds 1 to the first value of the block; ``shift`` rotates the block's rows by one
+    (same bytes, wrong order). Stands in for a faulty transport, like torchft's fake wrapper.
+    """
+    def wrapper(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                async_op=False):
+        original(output, input, output_split_sizes, input_split_sizes, group=group)
+        n0 = output_split_sizes[0] if output_split_sizes else 0
+        if output.is_floating_point() and n0 >= 2:
+            block = output[:n0]
+            if mode == "alter":
+                block.view(-1)[0] += 1
+            else:
+                block.copy_(block.roll(1, 0))
+        return _DoneWork() if async_op else None
+    return wrapper
+
+
+def _with_corruption(rank: int, mode: str, fn):
+    """Run ``fn`` with rank 1's all-to-all corrupted; always restore it."""
+    original = dist.all_to_all_single
+    if rank == 1:
+        dist.all_to_all_single = _corrupting_all_to_all(original, mode)
+    try:
+        return _attempt(fn)
+    finally:
+        dist.all_to_all_single = original
+
+
+def _verify_cases(rank: int, world: int) -> dict:
+    """B3: corrupted exchanges with verify on (flag and environment) and off."""
+    out = {}
+    args = _inputs(rank, world, tokens=16)
+    plain = Buffer(dist.group.WORLD, timeout=20, verify=False)
+    (good_x, *_), _ = _dispatch(plain, *args)
+    bad = _with_corruption(rank, "alter", functools.partial(_dispatch, plain, *args))
+    out["off"] = dict(ok=bad["ok"], differs=bad["ok"] and not torch.equal(bad["value"][0][0], good_x))
+    checked = Buffer(dist.group.WORLD, timeout=20, verify=True)
+    out["dispatch_alter"] = _with_corruption(rank, "alter", functools.partial(_dispatch, checked, *args))
+    os.environ["FLEXEP_VERIFY"] = "1"
+    from_env = Buffer(dist.group.WORLD, timeout=20)
+    del os.environ["FLEXEP_VERIFY"]
+    (recv_x, _, _, _, handle, _), _ = _dispatch(from_env, *args)
+    combine = functools.partial(from_env.combine, recv_x, handle)
+    out["combine_shift"] = _with_corruption(rank, "shift", combine)
+    out["healthy_after"] = _roundtrip(checked, rank, world, seed=3)
+    return out
+
+
+def _ll_mismatches(rank: int, world: int) -> dict:
+    """B1 in low-latency mode: capacity and FP8 mode must agree."""
+    hint = Buffer.get_low_latency_rdma_size_hint(16, 128, world, 8)
+    buf = Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, timeout=20)
+    x, idx, _, _ = _inputs(rank, world, hidden=128, dtype=torch.bfloat16)
+    capacity = _attempt(lambda: buf.low_latency_dispatch(x, idx, 8 if rank == 0 else 16, 8, use_fp8=False))
+    mode = _attempt(lambda: buf.low_latency_dispatch(x, idx, 8, 8, use_fp8=rank == 0))
+    return dict(capacity=capacity, mode=mode)
+
+
+def _world2_worker(rank: int, world: int, skip_timeout: float) -> dict:
+    _exit_fast()
+    _warm_up(rank, world)
+    res: dict = {}
+    buf = Buffer(dist.group.WORLD, timeout=20)
+    for name, _, change in MISMATCHES:
+        args = _inputs(rank, world, **(change if rank == 1 else {}))
+        res[name] = _attempt(functools.partial(_dispatch, buf, *args))
+    args = _inputs(rank, world)
+    (recv_x, _, _, _, handle, _), _ = _dispatch(buf, *args)
+    if rank == 0:  # rank 1 "skips" the dispatch and goes on to combine
+        res["op"] = _attempt(functools.partial(_dispatch, buf, *args))
+    else:
+        res["op"] = _attempt(functools.partial(buf.combine, recv_x, handle))
+    res["healthy_after"] = _roundtrip(buf, rank, world, seed=5)
+    if hasattr(Buffer, "low_latency_dispatch"):
+        res["ll"] = _ll_mismatches(rank, world)
+    unchecked = Buffer(dist.group.WORLD, timeout=20, check_consistency=False)
+    got = _attempt(functools.partial(_dispatch, unchecked, *_inputs(rank, world, experts=8 + 8 * rank)))
+    res["unchecked"] = dict(ok=got["ok"], experts_listed=len(got["value"][0][3]) if got["ok"] else -1)
+    res["verify"] = _verify_cases(rank, world)
+    # B2, last (a timeout poisons the group): rank 1 never makes the call
+    short = Buffer(dist.group.WORLD, timeout=skip_timeout)
+    if rank == 0:
+        res["skip"] = _attempt(functools.partial(_dispatch, short, *args))
+    else:
+        time.sleep(skip_timeout + 3)
+    return res
+
+
+@pytest.fixture(scope="module")
+def world2() -> list:
+    return run_local(_world2_worker, 2, (2.0,), timeout=SPAWN_LIMIT)
+
+
+def _assert_mismatch(got: dict, field: str, odd: list) -> None:
+    assert not got["ok"], got
+    err = got["err"]
+    assert "RankMismatchError" in err["types"], err
+    assert f"ranks disagree on {field}" in err["msg"], err["msg"]
+    assert err["ranks"] == odd and err["phase"] == "header", err
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name,field", [(n, f) for n, f, _ in MISMATCHES])
+def test_argument_mismatch_raises_on_every_rank(world2, name: str, field: str):
+    """B1: rank 1 passes a different hidden/dtype/num_experts/top-k: both ranks name it."""
+    for rank in (0, 1):
+        _assert_mismatch(world2[rank][name], field, [1])
+
+
+@pytest.mark.timeout(150)
+def test_different_calls_raise_on_every_rank(world2):
+    """B2: rank 1 skips a dispatch and calls combine: both ranks raise, naming the calls."""
+    for rank in (0, 1):
+        err = world2[rank]["op"]["err"]
+        assert "RankMismatchError" in err["types"], err
+        assert "ranks are not making the same call (rank 0: dispatch #" in err["msg"], err["msg"]
+        assert "rank 1: combine #" in err["msg"] and err["ranks"] == [1], err
+        assert world2[rank]["healthy_after"], "a mismatch must leave the buffer usable"
+
+
+@pytest.mark.timeout(150)
+def test_low_latency_mismatch(world2):
+    """B1 in LL mode: a different capacity or FP8 mode on rank 1 is named on both ranks."""
+    if "ll" not in world2[0]:
+        pytest.skip("low-latency mode not available")
+    for rank in (0, 1):
+        _assert_mismatch(world2[rank]["ll"]["capacity"], "capacity", [1])
+        _assert_mismatch(world2[rank]["ll"]["mode"], "mode", [1])
+
+
+@pytest.mark.timeout(150)
+def test_check_consistency_off_lets_mismatch_through(world2):
+    """With ``check_consistency=False`` a num_experts disagreement is not detected: the call
+    returns and each rank silently uses its own expert layout (4 vs 8 local experts)."""
+    assert world2[0]["unchecked"] == dict(ok=True, experts_listed=4)
+    assert world2[1]["unchecked"] == dict(ok=True, experts_listed=8)
+
+
+@pytest.mark.timeout(150)
+def test_skipped_call_times_out_naming_the_silent_rank(world2):
+    """B2: rank 1 never makes the call; rank 0 raises CommTimeoutError naming it, not earlier
+    than the timeout and not much later."""
+    got = world2[0]["skip"]
+    assert not got["ok"], got
+    err = got["err"]
+    assert "CommTimeoutError" in err["types"] and "TimeoutError" in err["types"], err
+    assert err["ranks"] == [1] and "not heard from: rank(s) [1]" in err["msg"], err
+    assert 2.0 - 0.05 <= got["elapsed"] <= 2.0 + MARGIN, got["elapsed"]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("case", ["dispatch_alter", "combine_shift"])
+def test_verify_catches_corrupted_exchange(world2, case: str):
+    """B3: one altered value, or rows rotated inside one block, between rank 0 and rank 1
+    raise ConservationError on both ranks naming the pair 0->1."""
+    for rank in (0, 1):
+        got = world2[rank]["verify"][case]
+        assert not got["ok"], got
+        err = got["err"]
+        assert "ConservationError" in err["types"], err
+        assert "1 (source, destination) pair(s) do not match: 0->1" in err["msg"], err["msg"]
+        assert err["ranks"] == [0, 1], err
+        assert world2[rank]["verify"]["healthy_after"]
+
+
+@pytest.mark.timeout(150)
+def test_without_verify_corruption_gets_through(world2):
+    """Documents the default: with verify off the altered row is returned as if it were good."""
+    assert world2[1]["verify"]["off"] == dict(ok=True, differs=True)
+    assert world2[0]["verify"]["off"] == dict(ok=True, differs=False)
