@@ -2,10 +2,11 @@
 
 One 4-rank Gloo spawn: a trained-looking layer (weights and routing bias perturbed away from its
 seed, so loading cannot pass by re-creating the same initial weights) is saved at EP = 4 and at
-EP = 2, then loaded into layers built from a *different* seed at EP = 1, 2, 4 and into an EPLB
-placement with replicas. Every layer runs the same global batch, each EP rank its contiguous
-shard. With ``slotwise_combine`` the outputs must match bit for bit; with DeepEP's per-rank
-pre-summed combine, to float32 rounding (sums grouped differently by rank).
+EP = 2, then loaded into layers built from a *different* seed at EP = 1, 2, 4 (also as two
+virtual nodes of two ranks, the hierarchical algorithm) and into an EPLB placement with
+replicas. Every layer runs the same global batch, each EP rank its contiguous shard. With
+``slotwise_combine`` the outputs must match bit for bit; with DeepEP's per-rank pre-summed
+combine, to float32 rounding (sums grouped differently by rank).
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ def _worker(rank: int, world: int, x, root: str) -> dict:
         out["src2", tag] = _forward(src2, x, groups[2])
         checkpoint.save(src2, os.path.join(root, f"ep2-{tag}-{rank // 2}"), groups[2])
         for name, path in (("4to2", f"ep4-{tag}"), ("4to1", f"ep4-{tag}"),
-                           ("2to4", f"ep2-{tag}-0")):
-            size = int(name[-1])
-            dst = MoELayer(CFG, flexep.Buffer(groups[size]), seed=99, slotwise_combine=slotwise)
+                           ("2to4", f"ep2-{tag}-0"), ("2to4n2", f"ep2-{tag}-1")):
+            size = int(name[3])
+            # "2to4n2": EP 4 as two nodes of two ranks (hierarchical dispatch/combine).
+            buf = flexep.Buffer(groups[size], ranks_per_node=2 if name == "2to4n2" else None)
+            assert buf.hierarchical == (name == "2to4n2")
+            dst = MoELayer(CFG, buf, seed=99, slotwise_combine=slotwise)
             before = _forward(dst, x, groups[size])
             checkpoint.load(dst, os.path.join(root, path))
             out[name, tag] = (before, _forward(dst, x, groups[size]))
@@ -93,7 +97,8 @@ def _global(results, key, size, part=None) -> torch.Tensor:
 def test_reshard_outputs(run, tag):
     _, results = run
     src4, src2 = _global(results, ("src4", tag), 4), _global(results, ("src2", tag), 2)
-    cases = {"4to2": (src4, 2), "4to1": (src4, 1), "2to4": (src2, 4), "eplb": (src4, 4)}
+    cases = {"4to2": (src4, 2), "4to1": (src4, 1), "2to4": (src2, 4), "2to4n2": (src2, 4),
+             "eplb": (src4, 4)}
     for name, (ref, size) in cases.items():
         after = _global(results, (name, tag), size, 1)
         if name != "eplb":
