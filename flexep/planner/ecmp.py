@@ -31,6 +31,7 @@ from .hardware import Fabric
 __all__ = ["FabricTime", "leaf_of", "fabric_time_us"]
 
 _MAX_DRAW = 1 << 22  # hashed subflows drawn per batch of samples (bounds memory)
+_MAX_WORK = 1 << 24  # subflows x samples per call: big fabrics get fewer (and need fewer) draws
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,22 @@ def fabric_time_us(inter_flows: torch.Tensor, topo: Topology, fabric: Fabric, ch
         down = torch.zeros(num_leaves, dtype=torch.float64).index_add_(0, leaf[dst], nbytes)
         t = float(torch.maximum(up, down).max()) / links / rate
         return FabricTime(t, t, int(nbytes.numel()))
-    part = (nbytes / channels).repeat(channels)  # C subflows per pair, hashed independently
+    part = (nbytes / channels).repeat(channels).float()  # C subflows per pair, hashed independently
     up_leaf, down_leaf = leaf[src].repeat(channels), leaf[dst].repeat(channels)
     gen = torch.Generator().manual_seed(seed)
+    # Thousands of subflows make the maximum load concentrate, so few draws are needed then.
+    samples = max(min(samples, 4), min(samples, _MAX_WORK // part.numel()))
     per_batch = max(1, _MAX_DRAW // part.numel())
     worst = []
     for lo in range(0, samples, per_batch):
         s = min(per_batch, samples - lo)
         path = torch.randint(links, (s, part.numel()), generator=gen)
         row = torch.arange(s)[:, None] * (num_leaves * links)
-        load = torch.zeros(s * num_leaves * links, dtype=torch.float64)
+        load = torch.zeros(s * num_leaves * links)
         w = part.expand(s, -1).reshape(-1)
         load.index_add_(0, (row + up_leaf * links + path).reshape(-1), w)
         up = load.view(s, -1).max(1).values
         load.zero_().index_add_(0, (row + down_leaf * links + path).reshape(-1), w)
         worst.append(torch.maximum(up, load.view(s, -1).max(1).values))
-    worst_t = torch.cat(worst) / rate
+    worst_t = torch.cat(worst).double() / rate
     return FabricTime(float(worst_t.mean()), float(worst_t.max()), int(nbytes.numel()))

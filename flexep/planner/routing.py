@@ -16,8 +16,8 @@ A :class:`Routing` describes a distribution of ``topk_idx``; :meth:`Routing.samp
 Sampling cost is bounded: at most ``max_distinct_tokens`` tokens are drawn (exactly from the
 distribution); when the group needs more, ranks reuse earlier ranks' routings cyclically. Every
 rank draws from the same distribution, so only the rank-to-rank spread is overstated a little
-(by the square root of the reuse factor: at EP256 with 4096 tokens, the busiest rank's load
-moves by about 1-2%).
+(by the square root of the reuse factor: at EP256 with 4096 tokens every 32nd rank shares a
+routing, and the busiest rank's load comes out about 2-3% high).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class Routing:
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, num_ranks: int, ranks_per_node: int, num_tokens: int, num_topk: int,
-               num_experts: int, seed: int = 0, max_distinct_tokens: int = 1 << 18) -> list[torch.Tensor]:
+               num_experts: int, seed: int = 0,
+               max_distinct_tokens: int = 1 << 17) -> list[torch.Tensor]:
         """One ``[T, K] int64`` routing per rank (``num_ranks`` of them), reproducible by seed."""
         if num_experts % num_ranks:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP size "
@@ -118,24 +119,75 @@ class Routing:
     def _draw(self, n: int, k: int, num_experts: int, num_nodes: int,
               gen: torch.Generator) -> torch.Tensor:
         """``[n, k]`` tokens drawn exactly from the distribution, in chunks to bound memory."""
+        if self.kind == "uniform" or (self.kind == "group_limited" and num_nodes == 1):
+            return _distinct_uniform(n, k, num_experts, gen)
         chunks, step = [], max(1, (1 << 22) // num_experts)
         if self.kind == "zipf":
             order = torch.randperm(num_experts, generator=gen)
             logw = torch.empty(num_experts)
             logw[order] = -self.zipf_s * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
+        groups = min(self.groups or min(num_nodes, 4), num_nodes)
         for lo in range(0, n, step):
             m = min(step, n - lo)
             if self.kind == "zipf":
                 # Gumbel top-k: sampling k without replacement with probabilities ~ exp(logw).
                 u = torch.rand(m, num_experts, generator=gen).clamp_min(1e-20)
                 chunks.append(torch.topk(logw - torch.log(-torch.log(u)), k, dim=1).indices)
-                continue
-            scores = torch.randn(m, num_experts, generator=gen).abs() + 1
-            if self.kind == "group_limited" and num_nodes > 1:
-                groups = min(self.groups or min(num_nodes, 4), num_nodes)
-                per_node = scores.view(m, num_nodes, -1)
-                keep = torch.topk(per_node.amax(2), groups, dim=1).indices
-                mask = torch.zeros(m, num_nodes, dtype=torch.bool).scatter_(1, keep, True)
-                scores = (per_node * mask.unsqueeze(2)).view(m, num_experts)
-            chunks.append(torch.topk(scores, k, dim=1).indices)
+            else:
+                chunks.append(_group_limited(m, k, num_experts, num_nodes, groups, gen))
         return torch.cat(chunks).to(torch.int64)
+
+
+def _distinct_uniform(n: int, k: int, num_experts: int, gen: torch.Generator) -> torch.Tensor:
+    """``[n, k]`` uniformly random k-subsets of the experts (top-k of iid scores).
+
+    Draws with replacement and redraws the rows holding a repeat, which is exact and costs
+    O(n k) instead of the O(n E) of sorting scores.
+    """
+    out = torch.randint(num_experts, (n, k), generator=gen)
+    bad = torch.arange(n)
+    while bad.numel():
+        srt = out[bad].sort(1).values
+        bad = bad[(srt[:, 1:] == srt[:, :-1]).any(1)]
+        out[bad] = torch.randint(num_experts, (bad.numel(), k), generator=gen)
+    return out
+
+
+def _half_normal_inv(u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of ``|randn|`` (float64)."""
+    return torch.special.erfinv(u.clamp(0, 1 - 1e-16)) * 2 ** 0.5
+
+
+def _group_limited(n: int, k: int, num_experts: int, num_nodes: int, groups: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """DeepEP's node-limited top-k of ``|randn| + 1`` scores, drawn from order statistics.
+
+    Equivalent to :func:`group_limited_reference` but draws ``N + G * E/N`` numbers per token
+    instead of ``E``: each node's maximum comes from the distribution of the maximum of ``E/N``
+    scores (inverse CDF of ``u ** (N/E)``); the top ``G`` maxima choose the nodes; the other
+    scores of a chosen node are independent draws below its maximum; the node maximum sits on
+    a uniformly random expert of its node (scores are exchangeable). The ``+ 1`` shift does not
+    change any ranking and is left out.
+    """
+    per = num_experts // num_nodes
+    f64 = torch.float64
+    maxima = _half_normal_inv(torch.rand(n, num_nodes, generator=gen, dtype=f64) ** (1.0 / per))
+    top, node = torch.topk(maxima, groups, dim=1)  # [n, G]
+    below = torch.special.erf(top / 2 ** 0.5)  # CDF at each chosen node's maximum
+    rest = _half_normal_inv(torch.rand(n, groups, per - 1, generator=gen, dtype=f64) * below[..., None])
+    scores = torch.cat([top[..., None], rest], 2).view(n, groups * per)
+    slot = torch.topk(scores, k, dim=1).indices  # [n, k] into the G x per candidates
+    offset = torch.randint(per, (n, groups), generator=gen)  # expert holding each node's max
+    g, j = slot // per, slot % per
+    expert_in_node = (offset.gather(1, g) + j) % per
+    return node.gather(1, g) * per + expert_in_node
+
+
+def group_limited_reference(n: int, k: int, num_experts: int, num_nodes: int, groups: int,
+                            gen: torch.Generator) -> torch.Tensor:
+    """DeepEP's ``test_internode.py`` routing written out: ``[n, k]`` expert ids."""
+    scores = torch.randn(n, num_experts, generator=gen).abs() + 1
+    per_node = scores.view(n, num_nodes, -1)
+    keep = torch.topk(per_node.amax(2), groups, dim=1).indices
+    mask = torch.zeros(n, num_nodes, dtype=torch.bool).scatter_(1, keep, True)
+    return torch.topk((per_node * mask.unsqueeze(2)).view(n, num_experts), k, dim=1).indices

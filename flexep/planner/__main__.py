@@ -1,0 +1,7 @@
+"""``python -m flexep.planner``: same as ``flexep plan``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
