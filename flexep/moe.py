@@ -21,6 +21,13 @@ by expert and multiplied segment by segment (``torch._grouped_mm`` where PyTorch
 over segments otherwise). Each expert sees exactly its tokens in global (rank, token) order,
 whatever the EP size, so its matmul shapes and inputs do not depend on how experts are sharded.
 
+Same outputs at every EP size (train on N ranks, serve on M), when each rank holds a contiguous
+shard of the global batch: bit for bit with ``slotwise_combine=True``, to float32 rounding
+otherwise (DeepEP's combine adds per-rank partial sums, grouped differently at each EP size).
+Bitwise equality also needs pointwise kernels whose result does not depend on the tensor size
+(:func:`_pointwise`) and GEMM rows that do not depend on the row count, which holds for the CPU
+kernels tested here (at least 4 rows per call) but is not promised by every BLAS or GPU library.
+
 Shape legend: T tokens on this rank, H hidden, I expert intermediate size, K top-k, E logical
 experts, P physical experts (E plus EPLB replicas), W ranks, L = P / W local experts, M tokens
 received by this rank, G expert groups.
