@@ -72,9 +72,15 @@ def local_state_dict(module: torch.nn.Module, rank: int) -> tuple[dict, dict]:
 def save(module: torch.nn.Module, path: str, group: Optional[dist.ProcessGroup] = None) -> None:
     """Write ``module`` (holding :class:`MoELayer` s over ``group``) to directory ``path``.
 
-    Collective over ``group`` (default: the world). Rank 0 writes the replicated tensors and
-    the index; every rank writes its experts.
+    Collective over ``group`` (default: the EP group of the module's MoE layers). Rank 0 writes
+    the replicated tensors and the index; every rank writes its experts.
     """
+    groups = {id(m.buffer.group): m.buffer.group for m in _moe_layers(module).values()}
+    if group is None:
+        if len(groups) > 1:
+            raise ValueError(f"the module's MoE layers use {len(groups)} different EP groups; "
+                             "pass group= explicitly")
+        group = next(iter(groups.values()), None)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     os.makedirs(path, exist_ok=True)
     replicated, experts = local_state_dict(module, rank)

@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, x, root: str) -> dict:
         # Both EP-2 groups train the same model; each saves its own copy.
         src2 = _perturbed_layer(flexep.Buffer(groups[2]), 2, slotwise)
         out["src2", tag] = _forward(src2, x, groups[2])
-        checkpoint.save(src2, os.path.join(root, f"ep2-{tag}-{rank // 2}"), groups[2])
+        checkpoint.save(src2, os.path.join(root, f"ep2-{tag}-{rank // 2}"))  # the layer's group
         for name, path in (("4to2", f"ep4-{tag}"), ("4to1", f"ep4-{tag}"),
                            ("2to4", f"ep2-{tag}-0"), ("2to4n2", f"ep2-{tag}-1")):
             size = int(name[3])
