@@ -6,7 +6,8 @@ The checks, their order and DeepEP's calling conventions are kept; what changes:
 
 * sizes are small (64 tokens, hidden 256/512, 32 experts, top-4/8; LL: 16 tokens, hidden 2048),
   worlds are 2 and 4 ranks, and the internode test runs at world 4 on two virtual nodes
-  (``Buffer(..., ranks_per_node=2)``) instead of 8 GPUs per node;
+  (``Buffer(..., ranks_per_node=2)``, or ``FLEXEP_RANKS_PER_NODE=2`` with DeepEP's exact
+  ``Buffer`` arguments in the LL-compatibility run) instead of 8 GPUs per node;
 * like DeepEP's ``init_dist``, every rank makes BF16 the default dtype and runs on a fresh
   ``dist.new_group`` of all ranks, so flexep must not depend on the float32 default;
 * kernel benchmarks (``bench_kineto``) are dropped; the tuning loops keep their calls (every
@@ -17,13 +18,15 @@ The checks, their order and DeepEP's calling conventions are kept; what changes:
 * DeepEP's pressure modes are run once: a second pass with the same seed must give the same
   hash of every received tensor (bitwise determinism).
 
-One spawn per configuration runs every case; each worker returns how many cases it checked.
+One spawn per world size runs every loop of that size; each returns how many cases it checked.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import types
+from typing import Optional
 
 import pytest
 import torch
@@ -114,7 +117,7 @@ def make_check_data(num_ranks: int, rank: int, internode: bool):
 
 
 def rejects(check, *args) -> bool:
-    """True if ``check(*args)`` fails (used to show a check can fail)."""
+    """True if ``check(*args)`` raises ``AssertionError`` (shows the check can fail)."""
     try:
         check(*args)
     except AssertionError:
@@ -125,7 +128,7 @@ def rejects(check, *args) -> bool:
 def dispatch_combine_cases(args, rank, num_ranks, buffer, group, config, internode, num_nodes=1):
     """The dispatch/combine loop shared by test_intranode.py and test_internode.py.
 
-    Returns ``(cases checked, hash of everything received)``.
+    Returns ``(cases checked, hash of everything received, inputs for tuning_calls)``.
     """
     num_tokens, hidden = args.num_tokens, args.hidden
     num_topk, num_experts = args.num_topk, args.num_experts
@@ -229,6 +232,15 @@ def dispatch_combine_cases(args, rank, num_ranks, buffer, group, config, interno
                     prefix = handle[-4] if internode else handle[0]
                     assert len(handle) == (10 if internode else 6) and prefix.dtype == torch.int32
                     assert prefix.shape == ((num_ranks, ) if internode else (num_ranks, num_ranks))
+                    assert (event.event is not None) == async_mode
+                    if not internode:
+                        # Contract, not asserted by DeepEP's tests: channel matrices [R, num_sms / 2],
+                        # and rows keep the source's token order (recv_src_idx ascends per block)
+                        assert handle[1].shape == handle[2].shape == (num_ranks, config.num_sms // 2)
+                        bounds = [0] + prefix[:, rank].tolist()
+                        for i in range(num_ranks):
+                            block = handle[3][bounds[i]:bounds[i + 1]]
+                            assert bool((block[1:] > block[:-1]).all())
                     assert gbl_num_tokens_per_rank[rank].item() == recv_x.size(0), \
                         f'{gbl_num_tokens_per_rank[rank].item()} != {recv_x.size(0)}'
                     assert gbl_num_tokens_per_expert.view(num_ranks, -1)[rank].tolist() == \
@@ -300,6 +312,8 @@ def dispatch_combine_cases(args, rank, num_ranks, buffer, group, config, interno
                         combine_args.update({'previous_event': buffer.capture()})
                     combined_x, combined_topk_weights, event = buffer.combine(**combine_args)
                     event.current_stream_wait() if async_mode else ()
+                    assert combined_x.dtype == torch.bfloat16 and combined_x.shape == (num_tokens, hidden)
+                    assert (combined_topk_weights is None) == (not with_topk)
                     combined = combined_x.float()
                     if internode:
                         combined = combined - bias_0.float() - bias_1.float()
@@ -561,16 +575,17 @@ def intranode_loop(rank, num_ranks, group, sizes, ll_compat: bool) -> dict:
     return dict(cases=num_cases, configs=num_configs, ll_cases=num_ll_cases)
 
 
-def internode_loop(rank, num_ranks, group, sizes, ranks_per_node: int, ll_compat: bool) -> dict:
+def internode_loop(rank, num_ranks, group, sizes, ranks_per_node: Optional[int], ll_compat: bool) -> dict:
     """test_internode.py ``test_loop`` on virtual nodes with one pressure-test repeat (same seed,
-    same hash); ``ll_compat`` is its ``--test-ll-compatibility`` flag."""
-    num_nodes = num_ranks // ranks_per_node
+    same hash); ``ll_compat`` is its ``--test-ll-compatibility`` flag. The node shape comes from
+    ``ranks_per_node`` or, when None, from ``FLEXEP_RANKS_PER_NODE`` (DeepEP's exact call)."""
+    node_shape = {} if ranks_per_node is None else dict(ranks_per_node=ranks_per_node)
+    num_nodes = num_ranks // (ranks_per_node or int(os.environ["FLEXEP_RANKS_PER_NODE"]))
     args = args_of(*sizes, num_topk_groups=min(num_nodes, 4))
     ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk = LL_COMPAT
     num_qps_per_rank = max(NUM_SMS, ll_num_experts // num_ranks if ll_compat else 0)
     buffer = deep_ep.Buffer(group, int(2e9), int(1e9), low_latency_mode=ll_compat,
-                            num_qps_per_rank=num_qps_per_rank, explicitly_destroy=True,
-                            ranks_per_node=ranks_per_node)
+                            num_qps_per_rank=num_qps_per_rank, explicitly_destroy=True, **node_shape)
     rdma_buffer_size, nvl_buffer_size = 128, (720 if num_ranks in (24, 48, 96, 144, 160) else 512)
     config = deep_ep.Config(NUM_SMS, 8, nvl_buffer_size, 16, rdma_buffer_size)
 
@@ -611,52 +626,75 @@ def low_latency_loop(rank, num_ranks, group, sizes) -> dict:
     return dict(cases=cases)
 
 
-# ---- workers: one spawn per test, every loop of that world size in it --------------------------
-def _normal_worker(local_rank: int, num_local_ranks: int) -> dict:
+# ---- one spawn per world size runs every loop of that size ---------------------------------------
+def _worker(local_rank: int, num_local_ranks: int, with_ll: bool) -> dict:
+    """World 2: test_intranode.py, then (LL) test_low_latency.py and test_intranode.py's
+    LL-compatibility run. World 4: the same plus test_internode.py on two virtual nodes of two
+    ranks, and (LL) its LL-compatibility run with the node shape taken from
+    ``FLEXEP_RANKS_PER_NODE``, so that Buffer gets DeepEP's arguments only."""
     rank, num_ranks, group = init_dist(local_rank, num_local_ranks)
     out = dict(intranode=intranode_loop(rank, num_ranks, group, INTRANODE[num_ranks], ll_compat=False))
     if num_ranks == 4:
         out["internode"] = internode_loop(rank, num_ranks, group, INTERNODE, ranks_per_node=2,
                                           ll_compat=False)
-    return out
-
-
-def _low_latency_worker(local_rank: int, num_local_ranks: int) -> dict:
-    rank, num_ranks, group = init_dist(local_rank, num_local_ranks)
-    out = dict(low_latency=low_latency_loop(rank, num_ranks, group, LOW_LATENCY))
+    if not with_ll:
+        return out
+    out["low_latency"] = low_latency_loop(rank, num_ranks, group, LOW_LATENCY)
     if num_ranks == 2:
-        out["intranode_ll_compat"] = intranode_loop(rank, num_ranks, group, INTRANODE[2], ll_compat=True)
+        out["ll_compat"] = intranode_loop(rank, num_ranks, group, INTRANODE[2], ll_compat=True)
     else:
-        out["internode_ll_compat"] = internode_loop(rank, num_ranks, group, INTERNODE, ranks_per_node=2,
-                                                    ll_compat=True)
+        os.environ["FLEXEP_RANKS_PER_NODE"] = "2"
+        out["ll_compat"] = internode_loop(rank, num_ranks, group, INTERNODE, ranks_per_node=None,
+                                          ll_compat=True)
     return out
+
+
+_RUNS: dict = {}
+
+
+def run_world(world: int) -> dict:
+    """Every rank's results of the world-size spawn (run once per module, failures included)."""
+    if world not in _RUNS:
+        try:
+            _RUNS[world] = run_local(_worker, world, (HAS_LL, ), timeout=300)
+        except Exception as exc:  # noqa: BLE001 - re-raised by every test of this world size
+            _RUNS[world] = exc
+    if isinstance(_RUNS[world], Exception):
+        raise _RUNS[world]
+    return _RUNS[world]
+
+
+def part(world: int, name: str) -> list:
+    return [r[name] for r in run_world(world)]
 
 
 # ---- pytest entry points -----------------------------------------------------------------------
 # Normal-mode cases: previous x async x inputs (intranode 3, internode 4) x with_topk; tuning
 # configs: 3 + default for dispatch and for combine. LL cases: inputs (2) x hook (2) x
 # {bf16, fp8, fp8+round, fp8+round+ue8m0} x zero_copy (2).
-NORMAL = dict(intranode=dict(cases=2 * 2 * 3 * 2, configs=8, ll_cases=0),
-              internode=dict(cases=2 * 2 * 4 * 2, configs=8, ll_cases=0))
+INTRANODE_CASES = dict(cases=2 * 2 * 3 * 2, configs=8, ll_cases=0)
+INTERNODE_CASES = dict(cases=2 * 2 * 4 * 2, configs=8, ll_cases=0)
 LL_CASES = 2 * 2 * 4 * 2
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_normal_mode(world):
-    """World 2: test_intranode.py. World 4: test_intranode.py, then test_internode.py on two
-    virtual nodes of two ranks."""
-    expected = {k: v for k, v in NORMAL.items() if k == "intranode" or world == 4}
-    results = run_local(_normal_worker, world, (), timeout=240)
-    assert all(r == expected for r in results), results
+def test_intranode(world):
+    assert part(world, "intranode") == [INTRANODE_CASES] * world
+
+
+def test_internode_virtual_nodes():
+    assert part(4, "internode") == [INTERNODE_CASES] * 4
 
 
 @needs_ll
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency(world):
-    """test_low_latency.py, then the LL-compatibility run of test_intranode.py (world 2) or
-    test_internode.py (world 4, virtual nodes)."""
-    compat = "intranode_ll_compat" if world == 2 else "internode_ll_compat"
-    expected = {"low_latency": dict(cases=LL_CASES),
-                compat: dict(NORMAL[compat.split("_")[0]], ll_cases=LL_CASES)}
-    results = run_local(_low_latency_worker, world, (), timeout=240)
-    assert all(r == expected for r in results), results
+    assert part(world, "low_latency") == [dict(cases=LL_CASES)] * world
+
+
+@needs_ll
+@pytest.mark.parametrize("world", [2, 4])
+def test_ll_compatibility(world):
+    """World 2: test_intranode.py's LL-compatibility run; world 4: test_internode.py's."""
+    normal = INTRANODE_CASES if world == 2 else INTERNODE_CASES
+    assert part(world, "ll_compat") == [dict(normal, ll_cases=LL_CASES)] * world
