@@ -363,7 +363,7 @@ def reduce_owner(x: torch.Tensor, recv_slot: torch.Tensor, weights: torch.Tensor
     ``L*R`` = not local), ``weights: [R, K] float32`` the sources' weights for those rows.
     Accumulates in float32 (k in order) and rounds once to ``x.dtype``. Rows of pairs that are
     not local are zeroed bitwise before use, so garbage (even NaN) in unused slots of ``x``
-    never leaks in. One k at a time through reused buffers: no large temporaries.
+    never leaks in. Rows go through reused buffers in chunks (see :func:`_chunk_rows`).
     """
     num_local, rows, hidden = x.shape
     words = as_words(x.reshape(num_local * rows, hidden))
@@ -371,18 +371,35 @@ def reduce_owner(x: torch.Tensor, recv_slot: torch.Tensor, weights: torch.Tensor
     valid = recv_slot < spare
     idx = recv_slot.clamp(max=spare - 1)
     w = torch.where(valid, weights, 0.0)
-    # Rows of pairs that are not local are zeroed with index_fill_ (faster than a broadcast
-    # mask); valid pairs aim it at one spare row, which is never read.
-    zero_rows = torch.where(valid, rows, torch.arange(rows, device=x.device).unsqueeze(1))
-    picked = words.new_empty(rows + 1, words.size(1))
-    wide = torch.empty(rows, hidden, dtype=torch.float32, device=x.device)
-    acc = torch.zeros(rows, hidden, dtype=torch.float32, device=x.device)
-    for k in range(recv_slot.size(1)):
-        torch.index_select(words, 0, idx[:, k], out=picked[:rows])
-        picked.index_fill_(0, zero_rows[:, k], 0)  # bitwise zero: 0.0 in every float dtype
-        wide.copy_(picked[:rows].view(x.dtype))
-        acc.addcmul_(wide, w[:, k:k + 1])
-    return acc.to(x.dtype)
+    chunk = _chunk_rows(rows, hidden, x.device)
+    # Rows of pairs that are not local are ANDed with 0 (all-ones keeps a valid row): a bitwise
+    # zero is 0.0 in every float dtype, and this is ~4x faster on CPU than index_fill_/where.
+    keep = torch.where(valid, -1, 0).to(words.dtype)
+    picked = words.new_empty(chunk, words.size(1))
+    wide = torch.empty(chunk, hidden, dtype=torch.float32, device=x.device)
+    out = torch.empty(rows, hidden, dtype=x.dtype, device=x.device)
+    acc = torch.empty(chunk, hidden, dtype=torch.float32, device=x.device)
+    for lo in range(0, rows, chunk):
+        n = min(chunk, rows - lo)
+        acc[:n].zero_()
+        for k in range(recv_slot.size(1)):
+            torch.index_select(words, 0, idx[lo:lo + n, k], out=picked[:n])
+            picked[:n].bitwise_and_(keep[lo:lo + n, k:k + 1])
+            wide[:n].copy_(picked[:n].view(x.dtype))
+            acc[:n].addcmul_(wide[:n], w[lo:lo + n, k:k + 1])
+        out[lo:lo + n].copy_(acc[:n])
+    return out
+
+
+def _chunk_rows(rows: int, hidden: int, device: torch.device) -> int:
+    """Rows per step of :func:`reduce_owner`: about 2 MiB of float32 on CPU, where keeping the
+    working set in cache is 2-3x faster; all rows at once elsewhere (fewer kernel launches).
+
+    Example: hidden 7168 on CPU -> 73 rows per step; hidden 512 -> 1024 (capped at ``rows``).
+    """
+    if device.type != "cpu":
+        return max(1, rows)
+    return max(1, min(rows, (1 << 21) // (4 * hidden)))
 
 
 def sum_partials(back: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
