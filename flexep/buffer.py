@@ -414,6 +414,35 @@ class Buffer:
         self._fill_minimum(handle, _row_bytes(x, None, topk_weights), reverse=True)
         return out, w, self._event(async_finish, [out])
 
+    def internode_dispatch(self, x: XLike, handle: Optional[normal.NormalHandle] = None,
+                           num_tokens_per_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                           is_token_in_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_expert: Optional[torch.Tensor] = None,
+                           topk_idx: Optional[torch.Tensor] = None,
+                           topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1,
+                           num_worst_tokens: int = 0, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point (``config`` required); :meth:`dispatch` picks the
+        algorithm from the topology, so call that instead."""
+        if config is None:
+            raise ValueError("internode_dispatch requires config (use dispatch for the default)")
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                             num_worst_tokens, config, previous_event, async_finish,
+                             allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle: normal.NormalHandle,
+                          topk_weights: Optional[torch.Tensor] = None, bias=None,
+                          config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point (``config`` required); see :meth:`combine`."""
+        if config is None:
+            raise ValueError("internode_combine requires config (use combine for the default)")
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
     # ---- low-latency mode ------------------------------------------------------------------
     # Fixed-capacity dispatch/combine for decoding; the algorithm is flexep.low_latency. Every
     # rank must pass the same num_max_dispatch_tokens_per_rank, hidden and num_experts.
