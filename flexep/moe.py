@@ -375,15 +375,18 @@ class MoELayer(torch.nn.Module):
         pos = pos[torch.sort(flat[pos], stable=True).indices]
         rows, slots = pos // k, pos % k
         counts = torch.bincount(flat[pos], minlength=self.placement.experts_per_rank)
-        y = self.experts(recv_x[rows], counts) * recv_w[rows, slots].unsqueeze(1).to(x.dtype)
-        per_slot = x.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
+        # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
+        # combine accumulates); for float32 models this is plain float32 arithmetic.
+        y = self.experts(recv_x[rows], counts).float() * recv_w[rows, slots].unsqueeze(1)
+        per_slot = y.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
         if self.slotwise_combine:
             # One combine per slot: each sums one non-zero row (the slot's expert lives on one
             # rank) with zeros, which is exact. (Buffer.combine keeps the dispatch's hidden
             # size, so the K slots cannot travel as one [M, K*H] row.)
-            outs = [autograd.combine(self.buffer, per_slot[:, j].contiguous(), handle) for j in range(k)]
-            return _sum_slots(torch.stack(outs, 1))
-        return autograd.combine(self.buffer, _sum_slots(per_slot), handle)
+            outs = [autograd.combine(self.buffer, per_slot[:, j].to(x.dtype).contiguous(), handle)
+                    for j in range(k)]
+            return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
+        return autograd.combine(self.buffer, _sum_slots(per_slot).to(x.dtype), handle)
 
     def _routed_low_latency(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor) -> torch.Tensor:

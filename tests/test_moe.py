@@ -167,6 +167,12 @@ def _decode_worker(rank: int, world: int, x: torch.Tensor) -> dict:
         xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
         with torch.no_grad():
             out[physical] = dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+    # bf16 parameters and tokens, both paths, against the float32 layer (same seed).
+    bf16 = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8, placement=placement,
+                    dtype=torch.bfloat16)
+    with torch.no_grad():
+        out["bf16"] = dict(ll=bf16(xs.bfloat16()), normal=bf16(xs.bfloat16(), low_latency=False),
+                           fp32=out[12]["normal"])
     return out
 
 
@@ -284,9 +290,14 @@ def test_training_parity_ep4_vs_single_process(run):
 def test_low_latency_decode_matches_normal_mode(run):
     _, _, _, results = run
     for r in range(4):
-        for physical, dec in results[r]["decode"].items():
-            torch.testing.assert_close(dec["ll"], dec["normal"], rtol=1e-6, atol=1e-6,
-                                       msg=f"rank {r}, {physical} physical experts")
+        dec = results[r]["decode"]
+        for physical in (CFG.num_experts, 12):
+            torch.testing.assert_close(dec[physical]["ll"], dec[physical]["normal"], rtol=1e-6,
+                                       atol=1e-6, msg=f"rank {r}, {physical} physical experts")
+        bf16 = dec["bf16"]
+        assert bf16["ll"].dtype == torch.bfloat16
+        torch.testing.assert_close(bf16["ll"], bf16["normal"], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(bf16["ll"].float(), bf16["fp32"], rtol=5e-2, atol=5e-2)
 
 
 def test_empty_rank_and_idle_experts_take_the_same_path(run):
