@@ -93,12 +93,27 @@ def fabric_time_us(inter_flows: torch.Tensor, topo: Topology, fabric: Fabric, ch
     for lo in range(0, samples, per_batch):
         s = min(per_batch, samples - lo)
         path = torch.randint(links, (s, part.numel()), generator=gen)
-        row = torch.arange(s)[:, None] * (num_leaves * links)
-        load = torch.zeros(s * num_leaves * links)
         w = part.expand(s, -1).reshape(-1)
-        load.index_add_(0, (row + up_leaf * links + path).reshape(-1), w)
-        up = load.view(s, -1).max(1).values
-        load.zero_().index_add_(0, (row + down_leaf * links + path).reshape(-1), w)
-        worst.append(torch.maximum(up, load.view(s, -1).max(1).values))
+        worst.append(torch.maximum(_max_link_load(path, up_leaf, w, num_leaves, links),
+                                   _max_link_load(path, down_leaf, w, num_leaves, links)))
     worst_t = torch.cat(worst).double() / rate
     return FabricTime(float(worst_t.mean()), float(worst_t.max()), int(nbytes.numel()))
+
+
+def _max_link_load(path: torch.Tensor, leaf: torch.Tensor, nbytes: torch.Tensor, num_leaves: int,
+                   links: int) -> torch.Tensor:
+    """``[S]`` largest load over the (leaf, path) links of each sample.
+
+    ``path: [S, F]`` path of every subflow, ``leaf: [F]`` its leaf, ``nbytes: [S * F]``. Links
+    are indexed densely when there are few; with very many paths only the used ones are kept.
+    """
+    s = path.size(0)
+    per_sample = num_leaves * links
+    key = (torch.arange(s)[:, None] * per_sample + leaf * links + path).reshape(-1)
+    if per_sample <= 1 << 16:
+        load = torch.zeros(s * per_sample).index_add_(0, key, nbytes)
+        return load.view(s, per_sample).max(1).values
+    used, slot = torch.unique(key, return_inverse=True)
+    load = torch.zeros(used.numel()).index_add_(0, slot, nbytes)
+    best = torch.zeros(s)
+    return best.scatter_reduce_(0, used // per_sample, load, reduce="amax")

@@ -133,8 +133,10 @@ class Routing:
                 # Gumbel top-k: sampling k without replacement with probabilities ~ exp(logw).
                 u = torch.rand(m, num_experts, generator=gen).clamp_min(1e-20)
                 chunks.append(torch.topk(logw - torch.log(-torch.log(u)), k, dim=1).indices)
-            else:
+            elif num_nodes + groups * (num_experts // num_nodes) < num_experts // 2:
                 chunks.append(_group_limited(m, k, num_experts, num_nodes, groups, gen))
+            else:  # few nodes: drawing every score is as cheap
+                chunks.append(group_limited_reference(m, k, num_experts, num_nodes, groups, gen))
         return torch.cat(chunks).to(torch.int64)
 
 
@@ -154,8 +156,9 @@ def _distinct_uniform(n: int, k: int, num_experts: int, gen: torch.Generator) ->
 
 
 def _half_normal_inv(u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF of ``|randn|`` (float64)."""
-    return torch.special.erfinv(u.clamp(0, 1 - 1e-16)) * 2 ** 0.5
+    """Inverse CDF of ``|randn|`` (``u`` in float64 near 1, where float32 would round to 1)."""
+    top = 1 - 1e-16 if u.dtype == torch.float64 else 1 - 1e-7
+    return torch.special.erfinv(u.clamp(0, top)) * 2 ** 0.5
 
 
 def _group_limited(n: int, k: int, num_experts: int, num_nodes: int, groups: int,
@@ -173,9 +176,9 @@ def _group_limited(n: int, k: int, num_experts: int, num_nodes: int, groups: int
     f64 = torch.float64
     maxima = _half_normal_inv(torch.rand(n, num_nodes, generator=gen, dtype=f64) ** (1.0 / per))
     top, node = torch.topk(maxima, groups, dim=1)  # [n, G]
-    below = torch.special.erf(top / 2 ** 0.5)  # CDF at each chosen node's maximum
-    rest = _half_normal_inv(torch.rand(n, groups, per - 1, generator=gen, dtype=f64) * below[..., None])
-    scores = torch.cat([top[..., None], rest], 2).view(n, groups * per)
+    below = torch.special.erf(top / 2 ** 0.5).float()  # CDF at each chosen node's maximum
+    rest = _half_normal_inv(torch.rand(n, groups, per - 1, generator=gen) * below[..., None])
+    scores = torch.cat([top.float()[..., None], rest], 2).view(n, groups * per)
     slot = torch.topk(scores, k, dim=1).indices  # [n, k] into the G x per candidates
     offset = torch.randint(per, (n, groups), generator=gen)  # expert holding each node's max
     g, j = slot // per, slot % per
