@@ -245,8 +245,9 @@ class MoELayer(torch.nn.Module):
             so the same seed gives the same model at every EP size and placement.
         dtype: parameter dtype (router scores and combine accumulate in float32 regardless).
         slotwise_combine: return one row per (token, top-k slot) instead of one pre-summed row
-            per token. The slot sum then runs at the source in slot order, so outputs are
-            bitwise independent of EP size and placement, for K times the combine bytes.
+            per token (K combines instead of one). The slot sum then runs at the source in slot
+            order, so outputs are bitwise independent of EP size and placement, for K times the
+            combine bytes.
         num_max_dispatch_tokens_per_rank: capacity of low-latency decode (tokens per rank).
 
     ``forward(x: [T, H]) -> [T, H]``. Routing statistics accumulate in ``tokens_per_expert``
@@ -287,8 +288,11 @@ class MoELayer(torch.nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x: [T, H]`` -> logical ``topk_idx [T, K] int64``, ``topk_weights [T, K] float32``."""
         c = self.config
-        return deepseek_v3_route(F.linear(x, self.gate_weight), self.e_score_correction_bias, c.topk,
-                                 c.n_group, c.topk_group, c.routed_scaling_factor)
+        # The gate runs in float32 whatever the model dtype: routing decisions are discrete, and
+        # bf16 logits would flip near-ties.
+        logits = F.linear(x.float(), self.gate_weight.float())
+        return deepseek_v3_route(logits, self.e_score_correction_bias, c.topk, c.n_group, c.topk_group,
+                                 c.routed_scaling_factor)
 
     @torch.no_grad()
     def update_routing_bias(self) -> torch.Tensor:
