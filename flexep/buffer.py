@@ -552,7 +552,7 @@ class Buffer:
             recv_src_info=out.recv_src_info(), recv_layout_range=out.layout_range,
             num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=x.size(1),
             num_experts=num_experts, send_index=index, recv_slot=out.recv_slot, topk_idx=topk_idx,
-            num_ranks=self.group_size, buffer_uid=self.uid)
+            num_ranks=self.group_size, buffer_uid=self.uid, pending=pending)
         recv_x = out.recv_x()
         hook = pending.finish if return_recv_hook else None
         if not return_recv_hook:
@@ -712,6 +712,9 @@ class Buffer:
         if handle.buffer_uid != self.uid:
             raise ValueError("handle was produced by another Buffer; low_latency_combine must use the "
                              "Buffer that dispatched")
+        if not handle.received:
+            raise ValueError("the dispatch of this handle ran with return_recv_hook=True and its hook "
+                             "has not been called yet; call it before combining")
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod

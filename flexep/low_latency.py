@@ -36,17 +36,25 @@ Combine: weights to the owners, one partial sum back per (token, rank)
 The owner's partial sum is rounded to the wire dtype before the final sum, one rounding more than
 DeepEP when a token picked several experts on the same rank (well inside BF16 tolerance).
 
-Bytes one rank sends per call (padding rows included, they are part of the static shape):
+Bytes per call (padding rows included: they are part of the static shape). Wire rows are padded
+to 16 bytes, so they move as 64-bit words: FP8 ``B = align16(H + 4S + 4 + 4K)``, BF16
+``B = align16(2H + 4 + 4K)``. Each rank sends M rows to every peer:
 
-* dispatch FP8: ``R * (H + 4S + 4 + 4K)``; BF16: ``R * (2H + 4 + 4K)``. For W=4, M=128,
-  H=7168, K=8: 3.80 MB FP8, 7.36 MB BF16.
-* combine: ``R * 4K`` weights + ``R * 2H`` rows; same example: 16 KB + 7.34 MB.
+* dispatch ``(W-1) * M * B`` to peers (plus M rows copied to itself). For W=4, M=128, H=7168,
+  K=8: B = 7440 (FP8) / 14384 (BF16), i.e. 2.86 MB / 5.52 MB per rank per call.
+* combine ``(W-1) * M * (4K + 2H)``: 12 KB of weights + 5.51 MB of rows in the same example.
 
-Sending per (token, expert) rows instead (no weights round) needs ``M * min(K, L)`` rows of
-capacity per pair, ``min(K, L)`` times these bytes (8x in the example). DeepEP itself writes only
-the routed (token, expert) messages into a worst-case-sized RDMA buffer; a collective with static
-splits moves the worst case (M rows per pair) on every call, which is the price of having no
-host sync. With one process per accelerator the bytes to the local rank are a device copy.
+Sending per (token, expert) rows back instead (no weights round) needs ``M * min(K, L)`` rows of
+capacity per pair: ``min(K, L)`` times the combine bytes (8x in the example), for one fewer tiny
+round. DeepEP writes only the routed (token, expert) messages into a worst-case-sized RDMA
+buffer; a collective with static splits moves the worst case (M rows per pair) on every call,
+which is the price of having no host sync, and grows with W (normal mode moves only routed
+tokens, see ``flexep bench``). The owner reduction likewise touches ``R * K`` (row, k) pairs.
+
+Host syncs: no tensor value is read on the host (no ``.item()``, ``.tolist()``, ``nonzero``)
+and no shape depends on data; the tests run the local pieces under
+``torch.compile(fullgraph=True)`` and the whole call under a guard that fails on any such read.
+The only host-side wait is the transport's deadline wait on the exchange.
 
 Receive hooks: :func:`dispatch_send` / :func:`combine_send` allocate every output (static shapes),
 launch the exchange and return a pending object; its ``finish()`` waits and fills the outputs in
@@ -59,7 +67,7 @@ results, and of un-finished hooks, may be held at once. DeepEP's limit of two do
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -126,6 +134,12 @@ class LowLatencyHandle:
     topk_idx: torch.Tensor = field(repr=False)
     num_ranks: int = 1
     buffer_uid: int = 0
+    pending: Optional[PendingDispatch] = field(default=None, repr=False, compare=False)
+
+    @property
+    def received(self) -> bool:
+        """False until the dispatch's receive hook has run (combine needs the filled handle)."""
+        return self.pending is None or self.pending.done
 
     @property
     def num_tokens(self) -> int:
@@ -167,7 +181,8 @@ class WireRow:
 
     @property
     def src_offset(self) -> int:
-        return self.data_bytes + self.scale_bytes
+        """After data and scales, rounded up to 4 bytes so the int32 fields stay aligned."""
+        return -(-(self.data_bytes + self.scale_bytes) // 4) * 4
 
     @property
     def ids_offset(self) -> int:
@@ -185,7 +200,7 @@ class WireRow:
     @staticmethod
     def of(hidden: int, num_topk: int, dtype: torch.dtype, use_fp8: bool, use_ue8m0: bool) -> WireRow:
         if not use_fp8:
-            return WireRow(hidden * torch.empty((), dtype=dtype).element_size(), 0, num_topk)
+            return WireRow(hidden * dtype.itemsize, 0, num_topk)
         return WireRow(hidden, hidden // 128 if use_ue8m0 else 4 * (hidden // 128), num_topk)
 
 
@@ -250,6 +265,9 @@ def pack_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, index: torch.Tensor, 
         parts = [q.view(torch.uint8), scales]
     else:
         parts = [x]
+    gap = row.src_offset - row.data_bytes - row.scale_bytes
+    if gap:
+        parts.append(torch.zeros(num_tokens, gap, dtype=torch.uint8, device=x.device))
     src = torch.arange(num_tokens, dtype=torch.int32, device=x.device).unsqueeze(1)
     tail = torch.zeros(num_tokens, row.nbytes - row.ids_end, dtype=torch.uint8, device=x.device)
     parts += [src, topk_idx.to(torch.int32), tail]
@@ -299,7 +317,7 @@ class DispatchOutputs:
             hidden=hidden,
         )
 
-    def recv_x(self):
+    def recv_x(self) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``recv_x: [L, R, H]`` (or the FP8 tuple with column-major scales ``[L, R, S']``)."""
         num_local = self.recv_count.size(0)
         rows = self.recv_slot.size(0)
@@ -418,7 +436,8 @@ class PendingExchange:
 
     Same wire, accounting, channels and verification as :meth:`Transport.all_to_all`, split in
     two so the receive can be deferred: every rank sends and receives ``capacity`` rows per peer.
-    :meth:`wait` honours the deadline of the call that launched it (``Buffer(timeout=...)``).
+    :meth:`wait` waits until the deadline of the transport's latest call (``Buffer(timeout=...)``),
+    so a receive hook run long after its call may time out.
     """
 
     def __init__(self, tp: Transport, phase: str, sends: list, recvs: list, capacity: int) -> None:
@@ -449,7 +468,8 @@ class PendingExchange:
 class PendingDispatch:
     """Send half of an LL dispatch: outputs exist (unfilled) until :meth:`finish` runs."""
 
-    def __init__(self, exchange, recv: torch.Tensor, out: DispatchOutputs, row: WireRow, rank: int,
+    def __init__(self, exchange: PendingExchange, recv: torch.Tensor, out: DispatchOutputs,
+                 row: WireRow, rank: int,
                  num_ranks: int, on_done: Optional[Callable[[DispatchOutputs], None]] = None) -> None:
         self._exchange, self._recv, self.out, self._row = exchange, recv, out, row
         self._rank, self._num_ranks, self._on_done = rank, num_ranks, on_done
@@ -491,7 +511,8 @@ def dispatch_send(tp: Transport, x: torch.Tensor, topk_idx: torch.Tensor, capaci
 class PendingCombine:
     """Send half of an LL combine: ``out`` is filled when :meth:`finish` runs."""
 
-    def __init__(self, exchange, back: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    def __init__(self, exchange: PendingExchange, back: torch.Tensor, index: torch.Tensor,
+                 out: torch.Tensor) -> None:
         self._exchange, self._back, self._index, self.out = exchange, back, index, out
         self.done = False
 

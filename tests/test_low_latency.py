@@ -55,6 +55,20 @@ def test_wire_row_worked_example():
     assert ll.WireRow.of(256, 2, torch.bfloat16, use_fp8=False, use_ue8m0=False).nbytes == 528
 
 
+def test_odd_hidden_bf16_round_trip():
+    """Any hidden works in BF16 (rows stay aligned); world 1, the wire is the identity."""
+    x = torch.arange(15, dtype=torch.float32).view(5, 3).to(torch.bfloat16)
+    topk = torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0], [0, -1]])
+    row = ll.WireRow.of(3, 2, torch.bfloat16, use_fp8=False, use_ue8m0=False)
+    assert (row.data_bytes, row.src_offset, row.ids_end, row.nbytes) == (6, 8, 20, 32)
+    index = ll.send_index(topk, 2, 1, 5)
+    out = ll.DispatchOutputs.allocate(2, 1, 5, 2, row, 3, torch.bfloat16, False, False, x.device)
+    ll.expand_dispatch(ll.pack_dispatch(x, topk, index, row, False, False, False), out, row, 0, 1)
+    assert out.recv_count.tolist() == [3, 3]
+    assert out.recv_src_info()[:, :3].tolist() == [[1, 3, 4], [0, 1, 3]]
+    assert torch.equal(out.recv_x()[0, :3], x[[1, 3, 4]]) and torch.equal(out.recv_x()[1, :3], x[[0, 1, 3]])
+
+
 def test_as_words_views_rows_as_the_widest_word():
     x = torch.zeros(4, 6, dtype=torch.bfloat16)
     assert ll.as_words(x).shape == (4, 3) and ll.as_words(x).dtype == torch.int32
@@ -361,6 +375,10 @@ def _errors(rank, world, num_experts, buf, xs, topk, w):
         buf.low_latency_combine(res[0], topk[rank], w[rank], res[2], use_logfmt=True)
     with pytest.raises(TypeError, match="handle must be the handle returned by Buffer.low_latency_dispatch"):
         buf.low_latency_combine(res[0], topk[rank], w[rank], ("not", "a", "handle"))
+    hooked = buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, return_recv_hook=True)
+    with pytest.raises(ValueError, match="hook has not been called yet"):
+        buf.low_latency_combine(res[0], topk[rank], w[rank], hooked[2])
+    hooked[4]()
     _check_dispatch(rank, world, num_experts, xs, topk, res)  # the buffer still works
 
 
