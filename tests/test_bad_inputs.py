@@ -9,7 +9,8 @@ One table, :data:`CASES`, drives three tests:
 * the one-rank table again under ``python -O``, so no validation relies on ``assert``.
 
 A case names the call (``op``), how it spoils the valid arguments of that call (``spoil``), and
-the expected exception type and message pattern. Patterns may use ``{W}`` for the group size.
+the expected exception type and message pattern. Patterns may use ``{W}`` for the group size
+and ``{L}`` for E / W.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flexep import Buffer, CapacityError, RemoteInputError
 from flexep.launch import run_local
 
 T, H, E, K = 4, 128, 8, 2
+LL_M = 8  # num_max_dispatch_tokens_per_rank of the low-latency cases
 
 
 # ---- valid arguments ----------------------------------------------------------------------
@@ -48,6 +50,9 @@ class Ctx:
     recv_x: torch.Tensor
     handle: Any
     world: int
+    ll_buf: Buffer
+    ll_recv_x: torch.Tensor
+    ll_handle: Any
 
     def kwargs(self, op: str) -> dict:
         """Fresh valid keyword arguments for ``op`` (cases mutate them freely)."""
@@ -63,6 +68,12 @@ class Ctx:
             return dict(x=self.x.clone(), handle=self.handle)
         if op == "combine":
             return dict(x=self.recv_x.clone(), handle=self.handle)
+        if op in ("ll_dispatch", "ll_dispatch_on_normal"):
+            return dict(x=self.x.clone(), topk_idx=self.idx.clone(),
+                        num_max_dispatch_tokens_per_rank=LL_M, num_experts=E, use_fp8=True)
+        if op == "ll_combine":
+            return dict(x=self.ll_recv_x.clone(), topk_idx=self.idx.clone(),
+                        topk_weights=self.w.clone(), handle=self.ll_handle)
         if op == "buffer":
             return dict(group=self.buf.group, timeout=30)
         if op == "set_num_sms":
@@ -86,7 +97,10 @@ def make_ctx(group: dist.ProcessGroup) -> Ctx:
     ntr, _, nte, itr, _ = layout
     recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
                                               num_tokens_per_expert=nte, topk_idx=idx, topk_weights=w)
-    return Ctx(buf, other, x, idx, w, layout, recv_x, handle, world)
+    ll_buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(LL_M, H, world, E),
+                    low_latency_mode=True, timeout=30)
+    ll_recv_x, _, ll_handle, _, _ = ll_buf.low_latency_dispatch(x, idx, LL_M, E, use_fp8=False)
+    return Ctx(buf, other, x, idx, w, layout, recv_x, handle, world, ll_buf, ll_recv_x, ll_handle)
 
 
 def call(ctx: Ctx, op: str, kw: dict):
@@ -99,6 +113,12 @@ def call(ctx: Ctx, op: str, kw: dict):
         return ctx.buf.combine(**kw)
     if op == "buffer":
         return Buffer(**kw)
+    if op == "ll_dispatch":
+        return ctx.ll_buf.low_latency_dispatch(**kw)
+    if op == "ll_dispatch_on_normal":
+        return ctx.buf.low_latency_dispatch(**kw)
+    if op == "ll_combine":
+        return ctx.ll_buf.low_latency_combine(**kw)
     if op == "set_num_sms":
         return Buffer.set_num_sms(**kw)
     raise KeyError(op)
@@ -264,6 +284,48 @@ CASES = [
         ValueError, r"bias\[0\] must be \[4, 128\], got \(4, 64\)"),
     Bad("combine_bias_triple", "combine", _set("bias", lambda kw, c: [c.x, c.x, c.x]), TypeError,
         r"bias must be None, a tensor or a pair of tensors, got list"),
+    # low-latency mode (A4, A7, A8, A9)
+    Bad("ll_on_normal_buffer", "ll_dispatch_on_normal", lambda kw, c: None, ValueError,
+        r"low_latency_dispatch needs a Buffer created with low_latency_mode=True"),
+    Bad("ll_capacity_exceeded", "ll_dispatch",
+        lambda kw, c: kw.update(x=kw["x"].repeat(3, 1)[:LL_M + 1],
+                                topk_idx=kw["topk_idx"].repeat(3, 1)[:LL_M + 1]),
+        CapacityError, r"x has 9 tokens, more than num_max_dispatch_tokens_per_rank \(8\)"),
+    Bad("ll_rdma_bytes_too_small", "ll_dispatch",
+        _set("num_max_dispatch_tokens_per_rank", lambda kw, c: 4096),
+        CapacityError, r"num_rdma_bytes \(\d+\) is smaller than the \d+ bytes low-latency mode needs for "
+        r"num_max_dispatch_tokens_per_rank=4096"),
+    Bad("ll_capacity_zero", "ll_dispatch", _set("num_max_dispatch_tokens_per_rank", lambda kw, c: 0),
+        ValueError, r"num_max_dispatch_tokens_per_rank must be >= 1, got 0"),
+    Bad("ll_async_and_hook", "ll_dispatch",
+        lambda kw, c: kw.update(async_finish=True, return_recv_hook=True),
+        ValueError, r"async_finish=True and return_recv_hook=True are mutually exclusive"),
+    Bad("ll_ue8m0_without_round_scale", "ll_dispatch", _set("use_ue8m0", lambda kw, c: True), ValueError,
+        r"use_ue8m0=True requires round_scale=True"),
+    Bad("ll_fp8_hidden", "ll_dispatch", _set("x", lambda kw, c: kw["x"][:, :100].contiguous()), ValueError,
+        r"x: hidden \(100\) must be a multiple of 128 for this FP8 mode"),
+    Bad("ll_x_dtype", "ll_dispatch", _set("x", lambda kw, c: kw["x"].to(torch.int16)), TypeError,
+        r"x must have dtype bfloat16, float16, float32, float64, got int16"),
+    Bad("ll_topk_out_of_range", "ll_dispatch", _poke("topk_idx", (3, 0), -5), ValueError,
+        r"topk_idx\[3, 0\] = -5 is out of range; expected -1 \(unused slot\) or an expert id in \[0, 8\)"),
+    Bad("ll_num_experts_indivisible", "ll_dispatch", _set("num_experts", lambda kw, c: 7), ValueError,
+        r"num_experts \(7\) must be divisible by the group size \(2\)", min_world=2),
+    Bad("ll_combine_normal_handle", "ll_combine", _set("handle", lambda kw, c: c.handle), TypeError,
+        r"handle must be the handle returned by Buffer.low_latency_dispatch, got NormalHandle"),
+    Bad("combine_ll_handle", "combine", _set("handle", lambda kw, c: c.ll_handle), TypeError,
+        r"handle must be the handle returned by Buffer.dispatch, got LowLatencyHandle"),
+    Bad("ll_combine_x_shape", "ll_combine", _set("x", lambda kw, c: kw["x"][:, :-1].contiguous()), ValueError,
+        r"x must be \[{L}, {W8}, 128\] \(the dispatch's \[L, W\*M, H\]\), got \[{L}, {W8m1}, 128\]"),
+    Bad("ll_combine_other_routing", "ll_combine", _poke("topk_idx", (0, 0), 3), ValueError,
+        r"topk_idx must be the routing this rank dispatched with"),
+    Bad("ll_combine_logfmt", "ll_combine", _set("use_logfmt", lambda kw, c: True), ValueError,
+        r"use_logfmt=True \(DeepEP's lossy LogFMT combine\) is not supported"),
+    Bad("ll_combine_out_shape", "ll_combine",
+        _set("out", lambda kw, c: torch.empty(T, 64, dtype=torch.bfloat16)),
+        ValueError, r"out must be \[4, 128\], got \[4, 64\]"),
+    Bad("ll_combine_zero_copy_unfilled", "ll_combine", _set("zero_copy", lambda kw, c: True),
+        ValueError,
+        r"zero_copy=True reads get_next_low_latency_combine_buffer\(handle\)"),
     # constructor and class helpers (A6); local calls
     Bad("buffer_nvl_bytes", "buffer", _set("num_nvl_bytes", lambda kw, c: 100), ValueError,
         r"num_nvl_bytes must be a multiple of 128, got 100"),
@@ -285,7 +347,9 @@ CASES = [
 WORLD2 = ["layout_num_experts_indivisible", "topk_out_of_range", "topk_duplicate", "x_int",
           "x_fp8_hidden_not_128", "weights_shape", "tokens_per_expert_indivisible", "alignment_zero",
           "worst_tokens_too_small",
-          "cached_handle_other_buffer", "cached_x_rows", "combine_x_hidden", "combine_bias_triple"]
+          "cached_handle_other_buffer", "cached_x_rows", "combine_x_hidden", "combine_bias_triple",
+          "ll_capacity_exceeded", "ll_topk_out_of_range", "ll_num_experts_indivisible",
+          "ll_combine_other_routing"]
 
 
 def _rebound(ctx: Ctx):
@@ -294,7 +358,12 @@ def _rebound(ctx: Ctx):
 
 
 def pattern(case: Bad, world: int) -> str:
-    return case.match.replace("{W1}", str(world + 1)).replace("{W}", str(world))
+    subs = {"{W1}": world + 1, "{W8m1}": world * LL_M - 1, "{W8}": world * LL_M, "{W}": world,
+            "{L}": E // world}
+    out = case.match
+    for key, value in subs.items():
+        out = out.replace(key, str(value))
+    return out
 
 
 def test_table_is_large_and_distinct():
