@@ -147,6 +147,10 @@ def format_table(series) -> str:
     head = (f"{'preset':<14}{'EP':>4}  {'mode':<13}{'phase':<9}{'ch':>3}{'time_us':>10}"
             f"{'deepep_GB/s':>12}{'nic_GB/s':>9}  {'bottleneck':<11}{'ecmp':>6}")
     lines = [head, "-" * len(head)]
+    order = {name: i for i, name in enumerate(dict.fromkeys(n for n, _ in series))}
+    modes = {m: i for i, m in enumerate(MODES)}
+    series = sorted(series, key=lambda s: (order[s[0]], s[1].ep, modes[s[1].mode],
+                                           s[1].phase != "dispatch", s[1].channels))
     for name, p in series:
         lines.append(f"{name:<14}{p.ep:>4}  {p.mode:<13}{p.phase:<9}{p.channels:>3}{p.time_us:>10.1f}"
                      f"{p.deepep_gbs:>12.1f}{p.bandwidth_gbs['nic']:>9.1f}  {p.bottleneck:<11}"

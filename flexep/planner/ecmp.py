@@ -31,7 +31,7 @@ from .hardware import Fabric
 __all__ = ["FabricTime", "leaf_of", "fabric_time_us"]
 
 _MAX_DRAW = 1 << 22  # hashed subflows drawn per batch of samples (bounds memory)
-_MAX_WORK = 1 << 24  # subflows x samples per call: big fabrics get fewer (and need fewer) draws
+_MAX_WORK = 1 << 22  # subflows x samples per call: big fabrics get fewer (and need fewer) draws
 
 
 @dataclass(frozen=True)

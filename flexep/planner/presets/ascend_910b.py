@@ -1,7 +1,7 @@
 """Ascend-style node: 8 NPUs on a full HCCS mesh, one 200 GbE RoCE port per NPU.
 
-Illustrative, not calibrated: HCCS taken as 7 links x 28 GB/s per direction at 80% efficiency
-(~157 GB/s), the NIC as a 200 GbE port at the RoCE efficiency of ``h800_roce``, ECMP
+Illustrative, not calibrated: the HCCS figure (~157 GB/s per NPU and direction, achievable)
+is an assumption, the NIC a 200 GbE port at the RoCE efficiency of ``h800_roce``, on an ECMP
 fabric. The kernel figures (copy rate per channel, launch, message cost) are assumptions of
 the same order as the H800 calibration; replace them with measured values before relying on
 absolute numbers.
