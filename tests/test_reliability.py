@@ -273,18 +273,28 @@ def _digest(*tensors) -> str:
     return h.hexdigest()
 
 
-def _deterministic_outputs(rank: int, world: int, channels: int) -> str:
-    """Digest of every output of a bf16 dispatch + weighted combine on ``channels`` channels."""
+def _deterministic_outputs(rank: int, world: int, channels: int,
+                           ranks_per_node: Optional[int] = None) -> str:
+    """Digest of every output of a bf16 dispatch + weighted combine on ``channels`` channels
+    (and of a low-latency round trip when the Buffer has it)."""
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(48, 256, generator=gen).bfloat16()  # non-integer: summation order matters
     idx = torch.rand(48, 16, generator=gen).topk(4, dim=1).indices
     w = torch.rand(48, 4, generator=gen)
-    buf = Buffer(dist.group.WORLD, timeout=60, num_channels=channels)
+    buf = Buffer(dist.group.WORLD, timeout=60, num_channels=channels, ranks_per_node=ranks_per_node)
     (recv_x, recv_idx, recv_w, counts, handle, _), _ = _dispatch(buf, x, idx, w, 16)
     y = (recv_x.float() * 1.37 + rank).bfloat16()  # an "expert" that is not the identity
     out, out_w, _ = buf.combine(y, handle, topk_weights=recv_w, bias=x)
     cached, *_ = buf.dispatch(x, handle=handle)
-    return _digest(recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, out, out_w, cached)
+    parts = [recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, out, out_w, cached]
+    if ranks_per_node is None and hasattr(Buffer, "low_latency_dispatch"):
+        hint = Buffer.get_low_latency_rdma_size_hint(48, 256, world, 16)
+        ll = Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, timeout=60,
+                    num_channels=channels)
+        ll_x, ll_count, ll_handle, _, _ = ll.low_latency_dispatch(x, idx, 48, 16, use_fp8=False)
+        ll_y = (ll_x.float() * 1.37 + rank).bfloat16()
+        parts += [ll_x[:, :1], ll_count, ll.low_latency_combine(ll_y, idx, w, ll_handle)[0]]
+    return _digest(*parts)
 
 
 def _stall_worker(rank: int, world: int, spec: dict) -> dict:
@@ -292,13 +302,15 @@ def _stall_worker(rank: int, world: int, spec: dict) -> dict:
     _warm_up(rank, world)
     digests = {c: _deterministic_outputs(rank, world, c) for c in (1, 2, 3, 4)}
     digests["1_again"] = _deterministic_outputs(rank, world, 1)
+    hier = {c: _deterministic_outputs(rank, world, c, ranks_per_node=2) for c in (1, 2)}
+    hier["1_again"] = _deterministic_outputs(rank, world, 1, ranks_per_node=2)
     slow = dict(slow=[2], slow_s=spec["slow_s"], victims=[], timeout=spec["slow_timeout"], rounds=2)
     slow_rep = _fault_round(rank, world, slow)
     stall = dict(victims=[2], phase="before_payload", action="stop")
     rep = _fault_round(rank, world, stall)  # rank 2 freezes inside and never returns
     if rank == 0:
         _kill_stopped([2])
-    return dict(digests=digests, slow=slow_rep, stall=rep)
+    return dict(digests=digests, hier=hier, slow=slow_rep, stall=rep)
 
 
 @pytest.fixture(scope="module")
@@ -309,10 +321,12 @@ def stall_run() -> list:
 
 @pytest.mark.timeout(150)
 def test_determinism_across_runs_and_channels(stall_run):
-    """F2: bitwise-identical outputs on every rank for 1-4 channels and on a repeated run."""
+    """F2: bitwise-identical outputs on every rank for 1-4 channels and on a repeated run, for
+    the flat path (and low-latency) and for the hierarchical path (2 virtual nodes of 2)."""
     for rank in (0, 1, 3):
-        digests = stall_run[rank]["digests"]
-        assert len(set(digests.values())) == 1, (rank, digests)
+        for path in ("digests", "hier"):
+            digests = stall_run[rank][path]
+            assert len(set(digests.values())) == 1, (rank, path, digests)
 
 
 @pytest.mark.timeout(150)
