@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from . import autograd
 from .buffer import Buffer
 from .eplb import Placement
+from .quant import per_token_cast_back
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads"]
@@ -249,6 +250,9 @@ class MoELayer(torch.nn.Module):
             order, so outputs are bitwise independent of EP size and placement, for K times the
             combine bytes.
         num_max_dispatch_tokens_per_rank: capacity of low-latency decode (tokens per rank).
+        fp8_decode: low-latency dispatch sends FP8 e4m3 with per-128-channel scales (DeepEP's
+            default, half the bytes of bf16); experts run on the dequantised tokens. Needs
+            ``hidden % 128 == 0``.
 
     ``forward(x: [T, H]) -> [T, H]``. Routing statistics accumulate in ``tokens_per_expert``
     (``[E] int64``, this rank's tokens) until :meth:`update_routing_bias`.
@@ -256,7 +260,7 @@ class MoELayer(torch.nn.Module):
 
     def __init__(self, config: MoEConfig, buffer: Buffer, *, placement: Optional[Placement] = None,
                  seed: int = 0, dtype: torch.dtype = torch.float32, slotwise_combine: bool = False,
-                 num_max_dispatch_tokens_per_rank: int = 128) -> None:
+                 num_max_dispatch_tokens_per_rank: int = 128, fp8_decode: bool = False) -> None:
         super().__init__()
         if not isinstance(buffer, Buffer):
             raise TypeError(f"buffer must be a flexep.Buffer, got {type(buffer).__name__}")
@@ -273,6 +277,10 @@ class MoELayer(torch.nn.Module):
         self.config, self.buffer, self.placement = config, buffer, placement
         self.slotwise_combine = bool(slotwise_combine)
         self.num_max_dispatch_tokens_per_rank = int(num_max_dispatch_tokens_per_rank)
+        if fp8_decode and config.hidden % 128:
+            raise ValueError(f"fp8_decode needs hidden divisible by 128 (per-128-channel scales), "
+                             f"got hidden={config.hidden}")
+        self.fp8_decode = bool(fp8_decode)
         local = placement.experts_per_rank
         self.gate_weight = torch.nn.Parameter(_seeded_normal(
             (config.num_experts, config.hidden), config.hidden ** -0.5, seed, "gate").to(dtype))
@@ -401,7 +409,9 @@ class MoELayer(torch.nn.Module):
             raise ValueError("low_latency=True needs a Buffer built with low_latency_mode=True")
         recv_x, _count, handle, _event, _hook = self.buffer.low_latency_dispatch(
             x, topk_idx, self.num_max_dispatch_tokens_per_rank, self.placement.num_physical,
-            use_fp8=False)
+            use_fp8=self.fp8_decode)
+        if isinstance(recv_x, tuple):  # (e4m3 [L, W*M, H], float32 scales [L, W*M, H/128])
+            recv_x = per_token_cast_back(*recv_x).to(x.dtype)
         # Static shapes (CUDA-graph friendly): every slot is computed, the combine reads only
         # the valid ones.
         y = self.experts.forward_padded(recv_x)

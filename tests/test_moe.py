@@ -167,6 +167,19 @@ def _decode_worker(rank: int, world: int, x: torch.Tensor) -> dict:
         xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
         with torch.no_grad():
             out[physical] = dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+    # FP8 dispatch: tokens whose values e4m3 holds exactly (|x| in {0, 1, 2, 4}, every
+    # 128-block has amax 4), so dequantised tokens equal the inputs and the result is the normal
+    # path's up to the scale's float32 rounding; a wrong dequantisation would be far off.
+    cfg128 = MoEConfig(hidden=128, intermediate=32, num_experts=8, topk=2, n_group=2, topk_group=1)
+    hint = flexep.Buffer.get_low_latency_rdma_size_hint(8, 128, world, 8)
+    fp8 = MoELayer(cfg128, flexep.Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True),
+                   seed=7, num_max_dispatch_tokens_per_rank=8, fp8_decode=True)
+    gen = torch.Generator().manual_seed(rank)
+    values = torch.tensor([-4.0, -2, -1, 0, 1, 2, 4])
+    x128 = values[torch.randint(0, 7, (6, 128), generator=gen)]
+    x128[:, 0] = 4.0
+    with torch.no_grad():
+        out["fp8"] = dict(ll=fp8(x128), normal=fp8(x128, low_latency=False))
     # bf16 parameters and tokens, both paths, against the float32 layer (same seed).
     bf16 = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8, placement=placement,
                     dtype=torch.bfloat16)
@@ -294,6 +307,7 @@ def test_low_latency_decode_matches_normal_mode(run):
         for physical in (CFG.num_experts, 12):
             torch.testing.assert_close(dec[physical]["ll"], dec[physical]["normal"], rtol=1e-6,
                                        atol=1e-6, msg=f"rank {r}, {physical} physical experts")
+        torch.testing.assert_close(dec["fp8"]["ll"], dec["fp8"]["normal"], rtol=1e-5, atol=1e-5)
         bf16 = dec["bf16"]
         assert bf16["ll"].dtype == torch.bfloat16
         torch.testing.assert_close(bf16["ll"], bf16["normal"], rtol=1e-2, atol=1e-2)
