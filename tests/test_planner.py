@@ -398,3 +398,14 @@ def test_cli_plot_writes_png(tmp_path, capsys):
     out = tmp_path / "plan.png"
     assert planner_cli.main(["--ep", "8,16", "--tokens", "128", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_recorded_routing(tmp_path, capsys):
+    path = tmp_path / "topk.pt"
+    torch.save(torch.randint(0, 64, (100, 4)), path)
+    assert planner_cli.main(["--ep", "16", "--experts", "64", "--topk", "4", "--tokens", "32",
+                             "--routing", "recorded", "--recorded", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["routing"] == "recorded(100, 4)" and len(data["predictions"]) == 6
+    assert planner_cli.main(["--routing", "recorded"]) == 2
+    assert "needs --recorded FILE" in capsys.readouterr().err
