@@ -72,7 +72,10 @@ class Buffer:
             :class:`~flexep.errors.CommTimeoutError` naming the silent ranks (default 100, as
             DeepEP's timeouts; ``FLEXEP_TIMEOUT`` overrides).
         check_consistency: run the cross-rank agreement checks in the header round (default
-            True; costs one tiny all-gather on calls that would not need it).
+            True; costs one tiny all-gather on calls that would not need it). With False,
+            disagreeing arguments go undetected (a size disagreement can abort Gloo or corrupt
+            silently), and a bad input to combine, cached or low-latency calls raises on its
+            rank only while the peers time out naming that rank.
         validate: check tensor contents (``topk_idx`` range, duplicates); costs a device sync
             on accelerators.
         verify: checksum every exchange and raise on any lost or altered row (default off, or
@@ -356,7 +359,8 @@ class Buffer:
             self._config(config, self.get_dispatch_config)
         except (TypeError, ValueError) as exc:
             error = exc
-        if self.check_consistency or error is not None:
+        _raise_unchecked(self.check_consistency, error)
+        if self.check_consistency:
             header_round(tp, "cached_dispatch", error=error, check=self.check_consistency,
                          **({} if error else self._agree(data, scales, -2, None)))
         recv_x, recv_scales = self._normal_algorithm().cached_dispatch(tp, data, scales, handle)
@@ -406,7 +410,8 @@ class Buffer:
             self._config(config, self.get_combine_config)
         except (TypeError, ValueError) as exc:
             error = exc
-        if self.check_consistency or error is not None:
+        _raise_unchecked(self.check_consistency, error)
+        if self.check_consistency:
             header_round(tp, "combine", error=error, check=self.check_consistency,
                          **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
                                                   has_weights=int(topk_weights is not None))))
@@ -536,8 +541,9 @@ class Buffer:
                                     use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
         except (TypeError, ValueError) as exc:
             error = exc
-        if self.check_consistency or error is not None:
-            mode = int(use_fp8) | int(round_scale) << 1 | int(use_ue8m0) << 2
+        _raise_unchecked(self.check_consistency, error)
+        if self.check_consistency:
+            mode = int(bool(use_fp8)) | int(bool(round_scale)) << 1 | int(bool(use_ue8m0)) << 2
             header_round(tp, "ll_dispatch", error=error, check=self.check_consistency,
                          **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
                                                   num_experts=num_experts, num_topk=topk_idx.size(1),
@@ -594,7 +600,8 @@ class Buffer:
                                             combine_wait_recv_cost_stats)
         except (TypeError, ValueError) as exc:
             error = exc
-        if self.check_consistency or error is not None:
+        _raise_unchecked(self.check_consistency, error)
+        if self.check_consistency:
             header_round(tp, "ll_combine", error=error, check=self.check_consistency,
                          **({} if error else dict(hidden=handle.hidden, x_dtype=dtype_code(x.dtype),
                                                   num_experts=handle.num_experts,
@@ -763,6 +770,14 @@ class Buffer:
         """Record the routing's minimum bytes per link class next to what was sent."""
         self.runtime.stats.minimum = minimum_bytes(handle, self.topology, self.rank, row_bytes,
                                                    reverse, cached)
+
+
+def _raise_unchecked(check: bool, error: Optional[BaseException]) -> None:
+    """Without the agreement round (``check_consistency=False``) raise a local input error here,
+    on this rank only: a header round run by this rank alone would meet a peer's payload exchange
+    (mismatched collectives can abort Gloo). The peers then time out naming this rank."""
+    if error is not None and not check:
+        raise error
 
 
 def _check_worst_tokens(tp: Transport, header) -> None:

@@ -266,13 +266,16 @@ def _worker(rank: int, world: int) -> str:
     xs, topk, w = _inputs(world, num_experts, 1, tokens)
 
     # BF16: exact data movement, async_finish, then combine three ways (plain, out=, zero_copy).
-    res = buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, use_fp8=False, async_finish=True)
+    wait_stats = torch.zeros(world, dtype=torch.int64)  # accepted and left unchanged
+    res = buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, use_fp8=False, async_finish=True,
+                                   dispatch_wait_recv_cost_stats=wait_stats)
     res[3].current_stream_wait()
     assert res[4] is None
     _check_dispatch(rank, world, num_experts, xs, topk, res)
     y = _expert_outputs(rank, world, num_experts, res[0], res[1])
-    combined, event, hook = buf.low_latency_combine(y, topk[rank], w[rank], res[2])
-    assert hook is None and event.event is None
+    combined, event, hook = buf.low_latency_combine(y, topk[rank], w[rank], res[2],
+                                                    combine_wait_recv_cost_stats=wait_stats)
+    assert hook is None and event.event is None and not wait_stats.any()
     _check_combine(rank, xs, topk, w, combined)
     out = torch.full((xs[rank].size(0), H), 7.0, dtype=torch.bfloat16)
     again, _, _ = buf.low_latency_combine(y, topk[rank], w[rank], res[2], out=out)
@@ -409,3 +412,14 @@ def _expert_outputs_no_sync(recv_x, handle):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_low_latency_against_oracle(world):
     assert run_local(_worker, world, timeout=240) == ["ok"] * world
+
+
+def test_benchmark_runs_and_checks_itself(tmp_path, capsys):
+    from flexep.bench_low_latency import run_low_latency_bench
+
+    path = tmp_path / "bench_ll.json"
+    summary = run_low_latency_bench(world_size=2, num_tokens=8, hidden=256, num_topk=4, num_experts=8,
+                                    iters=1, warmup=0, json_path=str(path))
+    assert path.exists() and set(summary["us_per_call"]) >= {"ll_dispatch_fp8", "ll_combine",
+                                                              "normal_combine"}
+    assert "LL dispatch FP8" in capsys.readouterr().out
