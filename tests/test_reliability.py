@@ -447,11 +447,19 @@ def _world2_worker(rank: int, world: int, skip_timeout: float) -> dict:
     got = _attempt(functools.partial(_dispatch, unchecked, *_inputs(rank, world, experts=8 + 8 * rank)))
     res["unchecked"] = dict(ok=got["ok"], experts_listed=len(got["value"][0][3]) if got["ok"] else -1)
     res["verify"] = _verify_cases(rank, world)
-    # B2, last (a timeout poisons the group): rank 1 never makes the call
-    short = Buffer(dist.group.WORLD, timeout=skip_timeout)
+    # Last, each on its own group (a timeout poisons the group it happens on).
+    short = Buffer(dist.new_group([0, 1]), timeout=skip_timeout)
+    loose = Buffer(dist.new_group([0, 1]), timeout=skip_timeout, check_consistency=False)
+    (recv_x, _, _, _, handle, _), _ = _dispatch(loose, *args)
+    # B2: rank 1 never makes the call
     if rank == 0:
         res["skip"] = _attempt(functools.partial(_dispatch, short, *args))
     else:
+        time.sleep(skip_timeout + 3)
+    # check_consistency=False: a bad combine input raises on rank 1 only; rank 0 times out
+    x = recv_x if rank == 0 else recv_x[:, :-1].contiguous()
+    res["loose_bad_input"] = _attempt(functools.partial(loose.combine, x, handle))
+    if rank == 1:
         time.sleep(skip_timeout + 3)
     return res
 
@@ -538,3 +546,15 @@ def test_without_verify_corruption_gets_through(world2):
     """Documents the default: with verify off the altered row is returned as if it were good."""
     assert world2[1]["verify"]["off"] == dict(ok=True, differs=True)
     assert world2[0]["verify"]["off"] == dict(ok=True, differs=False)
+
+
+@pytest.mark.timeout(150)
+def test_check_consistency_off_makes_input_errors_local(world2):
+    """With ``check_consistency=False`` there is no header round on combine: the bad rank raises
+    its ValueError at once and alone; its peer times out naming it (no mismatched collective)."""
+    bad = world2[1]["loose_bad_input"]
+    assert not bad["ok"] and bad["err"]["types"][0] == "ValueError", bad
+    assert "x must be" in bad["err"]["msg"] and bad["elapsed"] < 1.0, bad
+    peer = world2[0]["loose_bad_input"]
+    assert not peer["ok"] and "CommTimeoutError" in peer["err"]["types"], peer
+    assert peer["err"]["ranks"] == [1] and peer["elapsed"] >= 2.0 - 0.05, peer
