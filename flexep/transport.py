@@ -237,7 +237,10 @@ class Transport:
         """Classify a failed wait, name the peers not heard from, and poison the transport."""
         text = str(exc)
         timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
-        missing = self._roll_call(members, f"rank {self.rank} in {self.op}/{phase}: {text.strip()[:300]}")
+        # The roll call spans the whole EP group, not just ``members``: a hierarchical step runs
+        # on a node or rail subgroup whose members may all be alive while the victim is elsewhere.
+        report = f"rank {self.rank} in {self.op}/{phase}: {text.strip()[:300]}"
+        missing = self._roll_call(range(self.world), report)
         who = f"rank(s) {missing}" if missing else "no rank identified (all answered the roll call)"
         kind = CommTimeoutError if timed_out else PeerFailureError
         what = f"timed out after {self.timeout:g} s" if timed_out else "lost a peer"

@@ -127,7 +127,7 @@ def _fault_round(rank: int, world: int, spec: dict) -> dict:
     """Rounds of dispatch + combine on a short-timeout Buffer with the fault hook armed."""
     hook = Fault(rank, spec)
     buf = Buffer(dist.group.WORLD, timeout=spec.get("timeout", T_FAULT), explicitly_destroy=True,
-                 _fault_hook=hook)
+                 ranks_per_node=spec.get("ranks_per_node"), _fault_hook=hook)
     hook.armed = True
     rep = dict(rank=rank, rounds_ok=0)
     for i in range(spec.get("rounds", 2)):
@@ -237,6 +237,9 @@ DEATHS = [
     # C2 + C6: two ranks SIGKILLed between the header (counts) round and the payload: both named
     dict(id="two_sigkilled_between_header_and_payload", victims=[1, 3], phase="before_payload",
          action="kill", op="dispatch"),
+    # hierarchical (2 virtual nodes of 2): the survivors' node and rail steps still name rank 3
+    dict(id="hierarchical_exit_before_payload", victims=[3], phase="before_payload", action="exit",
+         op="dispatch", ranks_per_node=2),
     # rank 0 hosts the store: its death takes the store down, the roll call names the host
     dict(id="store_host_dies_after_header", victims=[0], phase="after_header", action="exit",
          op="dispatch"),
