@@ -193,12 +193,17 @@ class Transport:
             self.stats.messages += 1
 
     def _wait(self, works, phase: str, members: Sequence[int]) -> None:
+        """Wait for ``works`` (an exchange among ``members``) within the call's deadline.
+
+        Any failure becomes a typed flexep error naming the silent ranks of the whole EP group
+        (see :meth:`_failure`) and poisons the transport.
+        """
         watcher: Optional[_FailureWatcher] = None
         try:
             for w in works:
                 watcher = self._wait_one(w, watcher)
         except Exception as exc:  # noqa: BLE001 - every backend error is re-raised, typed
-            raise self._failure(phase, exc, members) from exc
+            raise self._failure(phase, exc) from exc
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -233,7 +238,7 @@ class Transport:
     def _failure_key(self) -> str:
         return f"flexep/{self.uid}/failed"
 
-    def _failure(self, phase: str, exc: BaseException, members: Sequence[int]) -> FlexepRuntimeError:
+    def _failure(self, phase: str, exc: BaseException) -> FlexepRuntimeError:
         """Classify a failed wait, name the peers not heard from, and poison the transport."""
         text = str(exc)
         timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
@@ -311,7 +316,8 @@ class _FailureWatcher:
     """Daemon thread polling the store for a failure posted by another rank.
 
     ``report`` becomes the posted text once seen. The thread may stay blocked inside a store
-    call if the store's host is frozen; it is a daemon and holds nothing the caller waits on.
+    call if the store's host is frozen; it is a daemon, and the caller only ever reads
+    ``report`` (the roll call that follows has its own deadline).
     """
 
     def __init__(self, key: str) -> None:
