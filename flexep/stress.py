@@ -120,6 +120,7 @@ class Tally:
     mismatched: list = field(default_factory=list)  # iteration numbers
     problems: list = field(default_factory=list)
     latencies: list = field(default_factory=list)
+    resources: dict = field(default_factory=dict)  # threads/fds after warm-up and at the end
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -247,6 +248,8 @@ def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
         ll_buf = Buffer(group, num_rdma_bytes=hint, low_latency_mode=True, verify=True, timeout=cfg.timeout)
     tally = Tally()
     for it in range(cfg.iters):
+        if it == min(10, cfg.iters - 1):  # after warm-up: lazily created threads exist by now
+            tally.resources["start"] = _resources()
         case = draw_case(cfg.seed, it, world, low_latency)
         everyone = [rank_inputs(case, cfg.seed, it, r) for r in range(world)]
         try:
@@ -266,7 +269,18 @@ def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
             tally.mismatched.append(it)
             if len(tally.problems) < 10:
                 tally.problems.append(dict(iteration=it, case=asdict(case), problems=problems))
+    tally.resources["end"] = _resources()
     return asdict(tally)
+
+
+def _resources() -> dict:
+    """Live threads and open file descriptors of this process (fds on Linux only, else -1)."""
+    import os
+    import threading
+
+    fd_dir = "/proc/self/fd"
+    return dict(threads=threading.active_count(),
+                fds=len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else -1)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -287,7 +301,10 @@ def summarize(tallies: list[dict], cfg: StressConfig, wall: float) -> dict:
         mismatches=len(set().union(*(t["mismatched"] for t in tallies))),
         latency_ms=dict(p50=1e3 * _percentile(per_iter, 0.5), p99=1e3 * _percentile(per_iter, 0.99),
                         max=1e3 * max(per_iter, default=0.0)),
-        wall_s=wall, problems=[p for t in tallies for p in t["problems"]][:10])
+        wall_s=wall, problems=[p for t in tallies for p in t["problems"]][:10],
+        growth=dict(threads=max(t["resources"]["end"]["threads"] - t["resources"]["start"]["threads"]
+                                for t in tallies),
+                    fds=max(t["resources"]["end"]["fds"] - t["resources"]["start"]["fds"] for t in tallies)))
 
 
 def format_report(rep: dict) -> str:
@@ -300,6 +317,8 @@ def format_report(rep: dict) -> str:
         f"  latency       p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms "
         "(dispatch + combine per iteration, slowest rank)",
         f"  wall time     {rep['wall_s']:.1f} s",
+        f"  growth        {rep['growth']['threads']} threads, {rep['growth']['fds']} open files "
+        "(from iteration 10 to the end, worst rank)",
     ]
     for p in rep["problems"]:
         lines.append(f"  ! iteration {p['iteration']}: {'; '.join(p['problems'])} ({p['case']})")

@@ -28,6 +28,7 @@ def test_short_stress_run_normal_mode(capsys):
     assert rep["iterations"] == rep["normal"] == 200
     assert rep["tokens_moved"] > 0 and rep["bytes_moved"] > 0
     assert 0 < rep["latency_ms"]["p50"] <= rep["latency_ms"]["max"]
+    assert rep["growth"]["threads"] <= 2 and rep["growth"]["fds"] <= 4, rep["growth"]  # no leak (F3)
 
 
 @pytest.mark.timeout(300)
