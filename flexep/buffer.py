@@ -128,17 +128,11 @@ class Buffer:
 
         self.topology = Topology(self.group_size, resolve_ranks_per_node(group, ranks_per_node))
         self.hierarchical = bool(hierarchical) and self.topology.is_multi_node
-        channel_groups = {"ep": [dist.new_group(dist.get_process_group_ranks(group))
-                                 for _ in range(num_channels - 1)]}
-        self._topo_groups = None
-        if self.hierarchical:
-            self._topo_groups = build_topology_groups(group, self.topology)
-            extra = [build_topology_groups(group, self.topology) for _ in range(num_channels - 1)]
-            channel_groups["intra"] = [g.intra for g in extra]
-            channel_groups["rail"] = [g.rail for g in extra]
-        tp = Transport(group, self.topology, float(timeout), channel_groups, _fault_hook, 0, bool(verify))
+        tp = Transport(group, self.topology, float(timeout), {}, _fault_hook, 0, bool(verify))
         # One all-gather: a shared id for this Buffer (names its store keys) and a check that
-        # every rank built it the same way.
+        # every rank built it the same way. It comes before the channel and topology groups are
+        # created: new_group is collective, and ranks creating different numbers of groups would
+        # wait for each other up to the process group's timeout instead of raising here.
         mine = torch.tensor([random.getrandbits(62), self.topology.ranks_per_node, num_channels,
                              int(self.low_latency_mode), int(self.hierarchical)], dtype=torch.int64)
         tp.begin("init")
@@ -147,6 +141,15 @@ class Buffer:
                                     "hierarchical"), start=1):
             if len(set(table[:, col].tolist())) > 1:
                 raise ValueError(f"Buffer: ranks disagree on {name}: {table[:, col].tolist()}")
+        channel_groups = {"ep": [dist.new_group(dist.get_process_group_ranks(group))
+                                 for _ in range(num_channels - 1)]}
+        self._topo_groups = None
+        if self.hierarchical:
+            self._topo_groups = build_topology_groups(group, self.topology)
+            extra = [build_topology_groups(group, self.topology) for _ in range(num_channels - 1)]
+            channel_groups["intra"] = [g.intra for g in extra]
+            channel_groups["rail"] = [g.rail for g in extra]
+        tp.channel_groups = channel_groups
         tp.uid = int(table[0, 0])
         self.uid = tp.uid
         self.runtime = tp

@@ -450,6 +450,8 @@ def _world2_worker(rank: int, world: int, skip_timeout: float) -> dict:
     got = _attempt(functools.partial(_dispatch, unchecked, *_inputs(rank, world, experts=8 + 8 * rank)))
     res["unchecked"] = dict(ok=got["ok"], experts_listed=len(got["value"][0][3]) if got["ok"] else -1)
     res["verify"] = _verify_cases(rank, world)
+    res["ctor_channels"] = _attempt(lambda: Buffer(dist.group.WORLD, timeout=20, num_channels=1 + rank))
+    res["after_ctor"] = _roundtrip(buf, rank, world, seed=6)
     # Last, each on its own group (a timeout poisons the group it happens on).
     short = Buffer(dist.new_group([0, 1]), timeout=skip_timeout)
     loose = Buffer(dist.new_group([0, 1]), timeout=skip_timeout, check_consistency=False)
@@ -561,3 +563,15 @@ def test_check_consistency_off_makes_input_errors_local(world2):
     peer = world2[0]["loose_bad_input"]
     assert not peer["ok"] and "CommTimeoutError" in peer["err"]["types"], peer
     assert peer["err"]["ranks"] == [1] and peer["elapsed"] >= 2.0 - 0.05, peer
+
+
+@pytest.mark.timeout(150)
+def test_constructor_disagreement_raises_on_every_rank(world2):
+    """Ranks building a Buffer with different num_channels raise at once, before any of them
+    creates channel groups (collective; mismatched counts would wait for the group timeout)."""
+    for rank in (0, 1):
+        got = world2[rank]["ctor_channels"]
+        assert not got["ok"] and got["err"]["types"][0] == "ValueError", got
+        assert "Buffer: ranks disagree on num_channels: [1, 2]" in got["err"]["msg"], got
+        assert got["elapsed"] < 10.0, got
+        assert world2[rank]["after_ctor"]
