@@ -29,7 +29,7 @@ from . import _validate as V
 from . import hierarchical, low_latency, normal
 from .accounting import minimum_bytes
 from .config import Config, combine_config, dispatch_config
-from .errors import CapacityError
+from .errors import CapacityError, RemoteInputError
 from .event import EventHandle, EventOverlap
 from .hierarchical import node_membership
 from .layout import compute_layout
@@ -101,14 +101,17 @@ class Buffer:
             raise ValueError("group must be a torch.distributed ProcessGroup, got None")
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
-        V.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0, multiple=128)
-        V.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0, multiple=128)
-        V.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
-        V.check_int("num_channels", num_channels, minimum=1)
-        if timeout is None:
-            timeout = float(os.environ.get("FLEXEP_TIMEOUT", "100"))
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        # A bad argument is shipped in the construction all-gather below, so the other ranks
+        # raise RemoteInputError at once instead of waiting for this rank until their timeout.
+        error: Optional[Exception] = None
+        try:
+            V.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0, multiple=128)
+            V.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0, multiple=128)
+            V.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+            V.check_int("num_channels", num_channels, minimum=1)
+            timeout = _resolve_timeout(timeout)
+        except (TypeError, ValueError) as exc:
+            error, timeout, num_channels = exc, _resolve_timeout(None), 1
         if verify is None:
             verify = os.environ.get("FLEXEP_VERIFY", "0") not in ("", "0")
 
@@ -134,9 +137,17 @@ class Buffer:
         # created: new_group is collective, and ranks creating different numbers of groups would
         # wait for each other up to the process group's timeout instead of raising here.
         mine = torch.tensor([random.getrandbits(62), self.topology.ranks_per_node, num_channels,
-                             int(self.low_latency_mode), int(self.hierarchical)], dtype=torch.int64)
+                             int(self.low_latency_mode), int(self.hierarchical), int(error is not None)],
+                            dtype=torch.int64)
         tp.begin("init")
         table = tp.all_gather("init", mine)
+        rejected = [r for r, flag in enumerate(table[:, 5].tolist()) if flag]
+        if error is not None:
+            raise error
+        if rejected:
+            raise RemoteInputError(f"rank(s) {rejected} rejected their Buffer arguments; see the "
+                                   "ValueError/TypeError raised on those ranks", op="Buffer",
+                                   phase="init", ranks=rejected)
         for col, name in enumerate(("ranks_per_node", "num_channels", "low_latency_mode",
                                     "hierarchical"), start=1):
             if len(set(table[:, col].tolist())) > 1:
@@ -773,6 +784,15 @@ class Buffer:
         """Record the routing's minimum bytes per link class next to what was sent."""
         self.runtime.stats.minimum = minimum_bytes(handle, self.topology, self.rank, row_bytes,
                                                    reverse, cached)
+
+
+def _resolve_timeout(timeout) -> float:
+    """``timeout`` checked, or ``FLEXEP_TIMEOUT`` / 100 s when None."""
+    if timeout is None:
+        timeout = float(os.environ.get("FLEXEP_TIMEOUT", "100"))
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def _raise_unchecked(check: bool, error: Optional[BaseException]) -> None:

@@ -349,7 +349,7 @@ WORLD2 = ["layout_num_experts_indivisible", "topk_out_of_range", "topk_duplicate
           "worst_tokens_too_small",
           "cached_handle_other_buffer", "cached_x_rows", "combine_x_hidden", "combine_bias_triple",
           "ll_capacity_exceeded", "ll_topk_out_of_range", "ll_num_experts_indivisible",
-          "ll_combine_other_routing"]
+          "ll_combine_other_routing", "buffer_nvl_bytes", "buffer_timeout", "buffer_channels"]
 
 
 def _rebound(ctx: Ctx):
