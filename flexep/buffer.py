@@ -129,7 +129,10 @@ class Buffer:
         self.num_channels = num_channels
         self.runtime: Optional[Transport] = None
 
-        self.topology = Topology(self.group_size, resolve_ranks_per_node(group, ranks_per_node))
+        try:
+            self.topology = Topology(self.group_size, resolve_ranks_per_node(group, ranks_per_node))
+        except (TypeError, ValueError) as exc:  # reported through the all-gather below, too
+            error, self.topology = error or exc, Topology(self.group_size, self.group_size)
         self.hierarchical = bool(hierarchical) and self.topology.is_multi_node
         tp = Transport(group, self.topology, float(timeout), {}, _fault_hook, 0, bool(verify))
         # One all-gather: a shared id for this Buffer (names its store keys) and a check that

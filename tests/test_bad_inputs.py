@@ -75,7 +75,9 @@ class Ctx:
             return dict(x=self.ll_recv_x.clone(), topk_idx=self.idx.clone(),
                         topk_weights=self.w.clone(), handle=self.ll_handle)
         if op == "buffer":
-            return dict(group=self.buf.group, timeout=30)
+            # ranks_per_node explicit on every rank: left out, it is inferred by a collective
+            # hostname exchange that a rank rejecting its arguments would not join
+            return dict(group=self.buf.group, timeout=30, ranks_per_node=self.world)
         if op == "set_num_sms":
             return dict(new_num_sms=20)
         raise KeyError(op)
@@ -335,6 +337,8 @@ CASES = [
         r"timeout must be a positive number of seconds, got 0"),
     Bad("buffer_channels", "buffer", _set("num_channels", lambda kw, c: 0), ValueError,
         r"num_channels must be >= 1, got 0"),
+    Bad("buffer_ranks_per_node", "buffer", _set("ranks_per_node", lambda kw, c: 3), ValueError,
+        r"ranks_per_node must divide the group size {W}, got 3"),
     Bad("buffer_group_none", "buffer", _set("group", lambda kw, c: None), ValueError,
         r"group must be a torch.distributed ProcessGroup, got None"),
     Bad("buffer_group_type", "buffer", _set("group", lambda kw, c: "WORLD"), TypeError,
@@ -349,7 +353,8 @@ WORLD2 = ["layout_num_experts_indivisible", "topk_out_of_range", "topk_duplicate
           "worst_tokens_too_small",
           "cached_handle_other_buffer", "cached_x_rows", "combine_x_hidden", "combine_bias_triple",
           "ll_capacity_exceeded", "ll_topk_out_of_range", "ll_num_experts_indivisible",
-          "ll_combine_other_routing", "buffer_nvl_bytes", "buffer_timeout", "buffer_channels"]
+          "ll_combine_other_routing", "buffer_nvl_bytes", "buffer_timeout", "buffer_channels",
+          "buffer_ranks_per_node"]
 
 
 def _rebound(ctx: Ctx):
