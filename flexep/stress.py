@@ -10,8 +10,9 @@ Usage::
 Every iteration draws, from ``--seed`` and the iteration number (the same on all ranks), a mode
 (normal, or low-latency when the Buffer has it), hidden size, dtype (bf16, fp16, fp32, or an FP8
 tuple), expert count, top-k, per-rank token counts (0 and 1 included), routing holes (up to all
-``-1``), expert alignment and whether to replay the layout with a cached dispatch. Buffers run
-with ``verify=True`` (per-pair row counts and checksums after every exchange), and every rank
+``-1``), sometimes every token to one rank's experts (incast), expert alignment and whether to
+replay the layout with a cached dispatch. Buffers run with ``verify=True`` (per-pair row counts
+and checksums after every exchange), and every rank
 checks its outputs against :mod:`flexep.reference`, computed from all ranks' inputs, which every
 rank regenerates from the seeds:
 
@@ -68,6 +69,7 @@ class Case:
     capacity: int  # LL num_max_dispatch_tokens_per_rank
     round_scale: bool = False
     ue8m0: bool = False
+    incast: bool = False  # every token routes only to experts of rank 0 (worst-case receiver)
 
 
 def draw_case(seed: int, it: int, world: int, low_latency: bool) -> Case:
@@ -78,17 +80,19 @@ def draw_case(seed: int, it: int, world: int, low_latency: bool) -> Case:
     topk = rng.randint(1, min(8, experts))
     tokens = tuple(rng.choice([0, 1] + [rng.randint(2, 48)] * 6) for _ in range(world))
     holes = rng.choice([0.0, 0.0, 0.2, 0.5, 1.0])
+    incast = rng.random() < 0.1
     if mode == "normal":
         kind = rng.choice(["bf16", "fp16", "fp32", "fp8"])
         hidden = rng.choice([128, 256, 384])
         return Case(mode, hidden, kind, experts, topk, tokens, holes, rng.choice([1, 1, 4, 16]),
-                    rng.random() < 0.5, 0)
+                    rng.random() < 0.5, 0, incast=incast)
     kind = rng.choice(["bf16", "fp8"])
     round_scale = kind == "fp8" and rng.random() < 0.5
     ue8m0 = round_scale and rng.random() < 0.5
     hidden = 512 if ue8m0 else rng.choice([128, 256, 512])
     capacity = max(1, max(tokens) + rng.randint(0, 8))
-    return Case(mode, hidden, kind, experts, topk, tokens, holes, 1, False, capacity, round_scale, ue8m0)
+    return Case(mode, hidden, kind, experts, topk, tokens, holes, 1, False, capacity, round_scale, ue8m0,
+                incast)
 
 
 def rank_inputs(case: Case, seed: int, it: int, rank: int):
@@ -96,7 +100,9 @@ def rank_inputs(case: Case, seed: int, it: int, rank: int):
     gen = torch.Generator().manual_seed((seed * 1_000_003 + it) * 4099 + rank)
     n = case.tokens[rank]
     base = torch.randint(-4, 5, (n, case.hidden), generator=gen).float()
-    idx = torch.rand(n, case.experts, generator=gen).topk(case.topk, dim=1).indices
+    pool = case.experts // len(case.tokens) if case.incast else case.experts
+    idx = torch.rand(n, pool, generator=gen).topk(min(case.topk, pool), dim=1).indices
+    idx = torch.cat([idx, idx.new_full((n, case.topk - idx.size(1)), -1)], 1)
     idx[torch.rand(idx.shape, generator=gen) < case.holes] = -1
     weights = torch.rand(n, case.topk, generator=gen)
     if case.mode == "ll":
