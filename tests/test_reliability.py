@@ -2,10 +2,12 @@
 
 Rows of the reliability matrix (``reliability-matrix.md`` §10) covered here:
 
-* B1/B2 mismatch detection and B3 verify mode, on one 2-rank spawn (:func:`world2`);
+* B1/B2 mismatch detection (arguments, calls, constructor, ``check_consistency=False``) and B3
+  verify mode, on one 2-rank spawn (:func:`world2`);
 * F2 determinism, D1 slow-but-in-time rank and C4 frozen (SIGSTOP) rank, on one 4-rank spawn
   (:func:`stall_run`), in that order because the stall poisons the group;
-* C1-C3, C5, C6 and the store-host victim, one 4-rank spawn each (a dead rank poisons the group).
+* C1-C3, C5, C6, the store-host victim and a victim on the hierarchical path, one 4-rank spawn
+  each (a dead rank poisons the group).
 
 Every spawn warms up on a Buffer with a long timeout first, so process start-up skew never
 counts against the short (2-3 s) timeouts under test. Workers only record what happened; the
