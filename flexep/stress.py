@@ -5,6 +5,7 @@ Usage::
     flexep stress                      # 1,000 iterations on 2 local Gloo ranks
     flexep stress --iters 10000        # soak
     flexep stress --world 4 --json     # machine-readable report
+    flexep stress --world 4 --ranks-per-node 2   # hierarchical path over 2 virtual nodes
     python -m flexep.stress --iters 200
 
 Every iteration draws, from ``--seed`` and the iteration number (the same on all ranks), a mode
@@ -51,6 +52,7 @@ class StressConfig:
     seed: int = 0
     low_latency: bool = True
     timeout: float = 60.0
+    ranks_per_node: Optional[int] = None  # < world: hierarchical path over virtual nodes
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class Tally:
     mismatched: list = field(default_factory=list)  # iteration numbers
     problems: list = field(default_factory=list)
     latencies: list = field(default_factory=list)
+    hierarchical: bool = False
     resources: dict = field(default_factory=dict)  # threads/fds after warm-up and at the end
 
 
@@ -246,13 +249,13 @@ def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
     from .errors import ConservationError
 
     group = dist.group.WORLD
-    buf = Buffer(group, verify=True, timeout=cfg.timeout)
+    buf = Buffer(group, verify=True, timeout=cfg.timeout, ranks_per_node=cfg.ranks_per_node)
     ll_buf = None
     low_latency = cfg.low_latency and hasattr(Buffer, "low_latency_dispatch")
     if low_latency:
         hint = Buffer.get_low_latency_rdma_size_hint(64, 512, world, 8 * world)
         ll_buf = Buffer(group, num_rdma_bytes=hint, low_latency_mode=True, verify=True, timeout=cfg.timeout)
-    tally = Tally()
+    tally = Tally(hierarchical=buf.hierarchical)
     for it in range(cfg.iters):
         if it == min(10, cfg.iters - 1):  # after warm-up: lazily created threads exist by now
             tally.resources["start"] = _resources()
@@ -302,6 +305,7 @@ def summarize(tallies: list[dict], cfg: StressConfig, wall: float) -> dict:
     per_iter = [max(t["latencies"][i] for t in tallies) for i in range(len(tallies[0]["latencies"]))]
     return dict(
         world=cfg.world, seed=cfg.seed, iterations=tallies[0]["iterations"], normal=tallies[0]["normal"],
+        path="hierarchical" if tallies[0]["hierarchical"] else "flat",
         low_latency=tallies[0]["low_latency"], verify=True,
         tokens_moved=sum(t["tokens"] for t in tallies), bytes_moved=sum(t["bytes"] for t in tallies),
         mismatches=len(set().union(*(t["mismatched"] for t in tallies))),
@@ -316,7 +320,7 @@ def summarize(tallies: list[dict], cfg: StressConfig, wall: float) -> dict:
 def format_report(rep: dict) -> str:
     lat = rep["latency_ms"]
     lines = [
-        f"flexep stress: world {rep['world']}, seed {rep['seed']}, verify on",
+        f"flexep stress: world {rep['world']}, {rep['path']} normal path, seed {rep['seed']}, verify on",
         f"  iterations    {rep['iterations']} ({rep['normal']} normal, {rep['low_latency']} low-latency)",
         f"  tokens moved  {rep['tokens_moved']} rows received ({rep['bytes_moved'] / 1e6:.1f} MB sent)",
         f"  mismatches    {rep['mismatches']}",
@@ -348,6 +352,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ll", action="store_true", help="normal mode only")
     ap.add_argument("--timeout", type=float, default=60.0, help="Buffer timeout in seconds")
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="virtual node size; below --world, normal mode takes the hierarchical path")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     if args.iters < 1 or args.world < 1:
@@ -360,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .launch import WorkerError, run_local
 
     args = parse_args(argv)
-    cfg = StressConfig(args.iters, args.world, args.seed, not args.no_ll, args.timeout)
+    cfg = StressConfig(args.iters, args.world, args.seed, not args.no_ll, args.timeout, args.ranks_per_node)
     start = time.monotonic()
     tallies = run_local(_worker, cfg.world, (cfg,), timeout=120 + 2.0 * cfg.iters * cfg.world,
                         env={"OMP_NUM_THREADS": "1"}, allow_failures=True)

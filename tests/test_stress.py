@@ -33,6 +33,14 @@ def test_short_stress_run_normal_mode(capsys):
 
 
 @pytest.mark.timeout(300)
+def test_short_stress_run_hierarchical(capsys):
+    """World 4 as 2 virtual nodes of 2: the hierarchical path under verify and the oracle."""
+    rep = _run(capsys, "--iters", "60", "--world", "4", "--ranks-per-node", "2", "--no-ll")
+    assert rep["path"] == "hierarchical" and rep["iterations"] == 60
+    assert rep["mismatches"] == 0, rep["problems"]
+
+
+@pytest.mark.timeout(300)
 def test_short_stress_run_with_low_latency(capsys):
     if not hasattr(Buffer, "low_latency_dispatch"):
         pytest.skip("low-latency mode not available")
