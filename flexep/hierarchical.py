@@ -41,12 +41,14 @@ from .normal import (
     accumulator_dtype,
     channel_prefix,
     finish_receive,
+    gather_rows,
     pack_rows,
     pack_token_meta,
     padded_rows,
     position_in_group,
     recv_channel_prefix,
     reduce_blocks,
+    reduce_to,
     unpack_rows,
 )
 from .topology import Topology, TopologyGroups
@@ -155,10 +157,11 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
         node_of_row = torch.repeat_interleave(torch.arange(nodes), torch.tensor(rail_send))
         mask = is_token_in_rank.view(-1, nodes, per)[rail_order, node_of_row].to(torch.uint8)
     meta, specs = pack_token_meta(rail_order, topk_idx, topk_weights, scales, extra=mask)
-    rail_x = x.new_empty(sum(rail_recv), x.size(1))
+    ws = tp.workspace
+    rail_x = ws.get("rail_recv", (sum(rail_recv), x.size(1)), wire_view(x).dtype, x.device)
     rail_meta = meta.new_empty(sum(rail_recv), meta.size(1))
     tp.fault_point("before_payload")
-    tp.all_to_all("rail", [wire_view(x).index_select(0, rail_order), meta], [rail_x, rail_meta],
+    tp.all_to_all("rail", [gather_rows(ws, "send_x", wire_view(x), rail_order), meta], [rail_x, rail_meta],
                   rail_send, rail_recv, group=groups.rail, role="rail", members=rail_members)
 
     # Hop 2: forward each rail row to the ranks of this node that want it.
@@ -173,12 +176,12 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     fwd_order = send_order(want.contiguous())
     fwd_send = want.sum(0).tolist()
     fwd_recv = counts[:, rank].view(nodes, per).sum(0).tolist()
-    intra_x = x.new_empty(sum(fwd_recv), x.size(1))
+    intra_x = ws.get("intra_recv", (sum(fwd_recv), x.size(1)), wire_view(x).dtype, x.device)
     fwd_meta = pack_rows([p for i, p in enumerate(got) if topk_idx is not None or i != 1])
     fwd_specs = [s for i, s in enumerate(specs) if topk_idx is not None or i != 1]
     intra_meta = fwd_meta.new_empty(sum(fwd_recv), fwd_meta.size(1))
-    fwd_x = wire_view(rail_x).index_select(0, fwd_order)
-    tp.all_to_all("intra", [fwd_x, fwd_meta.index_select(0, fwd_order)], [wire_view(intra_x), intra_meta],
+    fwd_x = gather_rows(ws, "fwd_send", rail_x, fwd_order)
+    tp.all_to_all("intra", [fwd_x, fwd_meta.index_select(0, fwd_order)], [intra_x, intra_meta],
                   fwd_send, fwd_recv, group=groups.intra, role="intra", members=node_members)
 
     # Reorder to flat order: by global source rank, source token order inside each.
@@ -187,7 +190,7 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     num_recv = sum(recv_counts)
     rows = max(num_recv, num_worst_tokens)
     recv_x = padded_rows(x, rows, num_recv)
-    torch.index_select(wire_view(intra_x), 0, perm, out=wire_view(recv_x[:num_recv]))
+    torch.index_select(intra_x, 0, perm, out=wire_view(recv_x[:num_recv]))
     fields = unpack_rows(intra_meta.index_select(0, perm), fwd_specs)
     recv = finish_receive(tp, fields, rows, num_recv, topk_idx, scales, num_experts, num_worst_tokens,
                           expert_alignment, num_tokens_per_expert)
@@ -258,23 +261,28 @@ def combine(tp: Transport, x: torch.Tensor, handle: NormalHandle,
     inverse = torch.empty_like(plan.perm)
     inverse[plan.perm] = torch.arange(plan.perm.numel())
     tensors = [x[:num_recv]] + ([topk_weights[:num_recv]] if topk_weights is not None else [])
+    ws = tp.workspace
     tp.fault_point("before_payload")
     # Hop 2 backwards: rows return to their forwarders in the order those sent them.
-    back = [t.index_select(0, inverse) for t in tensors]
-    at_fwd = [t.new_empty(sum(plan.fwd_send), t.size(1)) for t in back]
+    back = [gather_rows(ws, f"back{i}", t, inverse) for i, t in enumerate(tensors)]
+    at_fwd = [ws.get(f"at_fwd{i}", (sum(plan.fwd_send), t.size(1)), t.dtype, t.device)
+              for i, t in enumerate(back)]
     tp.all_to_all("intra", back, at_fwd, plan.fwd_recv, plan.fwd_send, group=plan.groups.intra,
                   role="intra", members=node_members)
     # Partial sum per rail row over this node's ranks; rounded to the wire dtype like DeepEP.
-    partial = [reduce_blocks(t, plan.fwd_order, plan.fwd_send, sum(plan.rail_recv),
-                             accumulator_dtype(t.dtype), ()).to(t.dtype) for t in at_fwd]
+    partial = []
+    for i, t in enumerate(at_fwd):
+        acc = ws.zeros(f"partial_acc{i}", (sum(plan.rail_recv), t.size(1)), accumulator_dtype(t.dtype),
+                       t.device)
+        partial.append(reduce_blocks(t, plan.fwd_order, plan.fwd_send, acc, (), ws).to(t.dtype))
     # Hop 1 backwards: one partial per (token, node) crosses the network.
-    at_src = [t.new_empty(sum(plan.rail_send), t.size(1)) for t in partial]
+    at_src = [ws.get(f"at_src{i}", (sum(plan.rail_send), t.size(1)), t.dtype, t.device)
+              for i, t in enumerate(partial)]
     tp.all_to_all("rail", partial, at_src, plan.rail_recv, plan.rail_send, group=plan.groups.rail,
                   role="rail", members=rail_members)
-    out = reduce_blocks(at_src[0], plan.rail_order, plan.rail_send, handle.num_tokens,
-                        accumulator_dtype(x.dtype), bias).to(x.dtype)
+    out = reduce_to(at_src[0], plan.rail_order, plan.rail_send, handle.num_tokens, x.dtype, bias, ws)
     combined_w = None
     if topk_weights is not None:
-        combined_w = reduce_blocks(at_src[1], plan.rail_order, plan.rail_send, handle.num_tokens,
-                                   torch.float32, ())
+        combined_w = reduce_to(at_src[1], plan.rail_order, plan.rail_send, handle.num_tokens,
+                               torch.float32, (), ws)
     return out, combined_w

@@ -9,6 +9,7 @@ Under ``torchrun`` use :func:`init_from_env` instead and call the function direc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -36,6 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Set in every worker before it starts (the caller's environment wins over these defaults):
+# one thread per rank, since ranks share the cores; transparent huge pages for large tensors,
+# which PyTorch reads once at its first allocation and which makes first-touching a fresh 50 MB
+# receive buffer about 4x cheaper on CPU.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+@contextlib.contextmanager
+def _child_environment(env: dict):
+    """Apply ``env`` (without overriding what the caller already set) while children start."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _dumps(obj) -> bytes:
     # torch.save, not pickle: it handles every dtype (float8 included) and copies the bytes
     # instead of handing over shared-memory segments that die with the worker.
@@ -51,7 +71,6 @@ def _loads(data: bytes):
 def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, results,
             pg_timeout: float, env: dict) -> None:
     os.environ.update(env)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -89,8 +108,9 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, t
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, pg_timeout,
                                                dict(env or {})), daemon=True)
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    with _child_environment({**WORKER_ENV, **(env or {})}):
+        for p in procs:
+            p.start()
     out: dict = {}
     deadline = time.monotonic() + timeout
     try:

@@ -27,6 +27,7 @@ import torch
 from ._dtypes import wire_view
 from .layout import aligned_expert_counts, send_order, to_local_expert_ids
 from .transport import Transport
+from .workspace import Workspace
 
 __all__ = ["NormalHandle", "DispatchResult", "dispatch", "cached_dispatch", "combine",
            "pack_rows", "unpack_rows", "accumulator_dtype"]
@@ -167,7 +168,7 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     meta_send, specs = pack_token_meta(order, topk_idx, topk_weights, scales)
     meta_recv = meta_send.new_empty(num_recv, meta_send.size(1))
 
-    x_send = wire_view(x).index_select(0, order)
+    x_send = gather_rows(tp.workspace, "send_x", wire_view(x), order)
     recv_x = padded_rows(x, rows, num_recv)
     tp.fault_point("before_payload")
     tp.all_to_all("payload", [x_send, meta_send], [recv_x[:num_recv], meta_recv],
@@ -279,7 +280,7 @@ def cached_dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tenso
     rows = handle.num_rows
     num_recv = handle.num_recv_tokens
     recv_x = padded_rows(x, rows, num_recv)
-    sends, recvs = [wire_view(x).index_select(0, handle.send_order)], [recv_x[:num_recv]]
+    sends, recvs = [gather_rows(tp.workspace, "send_x", wire_view(x), handle.send_order)], [recv_x[:num_recv]]
     recv_scales = None
     if scales is not None:
         recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
@@ -297,39 +298,56 @@ def combine(tp: Transport, x: torch.Tensor, handle: NormalHandle,
     """Flat combine: ``out[t] = sum(bias) + sum over receiving ranks of their row for t``."""
     num_recv = handle.num_recv_tokens
     total_sent = sum(handle.send_counts)
-    back = x.new_empty(total_sent, x.size(1))
+    ws = tp.workspace
+    back = ws.get("back_x", (total_sent, x.size(1)), x.dtype, x.device)
     sends, recvs = [x[:num_recv]], [back]
     w_back = None
     if topk_weights is not None:
-        w_back = topk_weights.new_empty(total_sent, topk_weights.size(1))
+        w_back = ws.get("back_w", (total_sent, topk_weights.size(1)), torch.float32, x.device)
         sends.append(topk_weights[:num_recv])
         recvs.append(w_back)
     tp.fault_point("before_payload")
     tp.all_to_all("payload", sends, recvs, handle.recv_counts, handle.send_counts)
-    out = reduce_blocks(back, handle.send_order, handle.send_counts, handle.num_tokens,
-                        accumulator_dtype(x.dtype), bias).to(x.dtype)
+    out = reduce_to(back, handle.send_order, handle.send_counts, handle.num_tokens, x.dtype, bias, ws)
     combined_w = None
     if w_back is not None:
-        combined_w = reduce_blocks(w_back, handle.send_order, handle.send_counts,
-                                   handle.num_tokens, torch.float32, ())
+        combined_w = reduce_to(w_back, handle.send_order, handle.send_counts, handle.num_tokens,
+                               torch.float32, (), ws)
     return out, combined_w
 
 
-def reduce_blocks(rows: torch.Tensor, index: torch.Tensor, counts: Sequence[int], num_tokens: int,
-                  acc_dtype: torch.dtype, bias: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``acc[index[i]] += rows[i]`` in ``acc_dtype``, one source block at a time, in block order.
+def reduce_to(rows: torch.Tensor, index: torch.Tensor, counts: Sequence[int], num_tokens: int,
+              dtype: torch.dtype, bias: Sequence[torch.Tensor], ws: Workspace) -> torch.Tensor:
+    """:func:`reduce_blocks` into a fresh ``[num_tokens, ...]`` tensor of ``dtype`` (a result)."""
+    acc_dtype = accumulator_dtype(dtype)
+    if acc_dtype == dtype:  # the accumulator is the result: it must not live in the workspace
+        acc = torch.zeros(num_tokens, *rows.shape[1:], dtype=acc_dtype, device=rows.device)
+        return reduce_blocks(rows, index, counts, acc, bias, ws)
+    acc = ws.zeros("acc", (num_tokens, *rows.shape[1:]), acc_dtype, rows.device)
+    return reduce_blocks(rows, index, counts, acc, bias, ws).to(dtype)
 
-    Rows are widened through a small reusable tile (``_TILE_ROWS`` rows), so the widened copy
-    stays in cache: about 3x faster on CPU than widening a whole block, and the summation order
-    is fixed (bitwise reproducible). Every block holds each token at most once.
+
+def gather_rows(ws: Workspace, name: str, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` written into the workspace tensor ``name`` (see :mod:`flexep.workspace`)."""
+    out = ws.get(name, (index.numel(), *t.shape[1:]), t.dtype, t.device)
+    return torch.index_select(t, 0, index, out=out)
+
+
+def reduce_blocks(rows: torch.Tensor, index: torch.Tensor, counts: Sequence[int], acc: torch.Tensor,
+                  bias: Sequence[torch.Tensor], ws: Workspace) -> torch.Tensor:
+    """``acc[index[i]] += rows[i]`` (``acc`` zeroed by the caller), block by block, in block order.
+
+    Rows are widened to ``acc``'s dtype through a small reusable tile (``_TILE_ROWS`` rows), so
+    the widened copy stays in cache: about 3x faster on CPU than widening a whole block, and the
+    summation order is fixed (bitwise reproducible). Every block holds each token at most once.
+    Bias rows are added first. Returns ``acc``.
     """
-    acc = torch.zeros(num_tokens, *rows.shape[1:], dtype=acc_dtype)
+    acc_dtype = acc.dtype
     for b in bias:
         acc += b.to(acc_dtype)
-    if rows.dtype == acc_dtype:
-        tile = None
-    else:
-        tile = torch.empty(min(_TILE_ROWS, rows.size(0)), *rows.shape[1:], dtype=acc_dtype)
+    tile = None
+    if rows.dtype != acc_dtype:
+        tile = ws.get("tile", (min(_TILE_ROWS, rows.size(0)), *rows.shape[1:]), acc_dtype, rows.device)
     start = 0
     for n in counts:
         for lo in range(start, start + n, _TILE_ROWS):

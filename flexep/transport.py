@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ._dtypes import wire_view
 from .errors import BrokenCommunicatorError, CommTimeoutError, FlexepRuntimeError, PeerFailureError
 from .topology import Topology
+from .workspace import Workspace
 from .verify import block_checksums, check_exchange
 
 __all__ = ["Transport", "TrafficStats", "wire_view", "LINK_CLASSES"]
@@ -91,6 +92,7 @@ class Transport:
         self.op = ""
         self._deadline = float("inf")
         self.stats = TrafficStats()
+        self.workspace = Workspace()  # scratch reused across calls (see flexep.workspace)
         self._global = dist.get_process_group_ranks(group)
         # Gloo survives a timed-out wait (it can be waited on again); other backends may not.
         self._sliced = dist.get_backend(group) == "gloo"
