@@ -271,10 +271,18 @@ def pack_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, index: torch.Tensor, 
     src = torch.arange(num_tokens, dtype=torch.int32, device=x.device).unsqueeze(1)
     tail = torch.zeros(num_tokens, row.nbytes - row.ids_end, dtype=torch.uint8, device=x.device)
     parts += [src, topk_idx.to(torch.int32), tail]
-    rows = torch.cat([p.contiguous().view(torch.uint8) for p in parts], 1)
+    rows = torch.cat([_row_bytes(p) for p in parts], 1)
     pad = torch.zeros(1, row.nbytes, dtype=torch.uint8, device=x.device)
     pad[:, row.src_offset:row.ids_end] = 0xFF  # int32 -1: source and ids
     return as_words(torch.cat([rows, pad])).index_select(0, index).view(torch.uint8)
+
+
+def _row_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t: [T, C]`` as ``[T, C * itemsize] uint8``; empty tensors may carry strides that
+    ``view`` rejects (e.g. FP8 scales of zero tokens), so they are rebuilt."""
+    if t.numel() == 0:
+        t = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return t.contiguous().view(torch.uint8)
 
 
 @dataclass

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from ._dtypes import wire_view
 from .errors import BrokenCommunicatorError, CommTimeoutError, FlexepRuntimeError, PeerFailureError
 from .topology import Topology
-from .workspace import Workspace
 from .verify import block_checksums, check_exchange
+from .workspace import Workspace
 
 __all__ = ["Transport", "TrafficStats", "wire_view", "LINK_CLASSES"]
 
