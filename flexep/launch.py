@@ -86,6 +86,10 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, resu
     # A worker that exits while its queue feeder still holds data loses it: flush first.
     results.close()
     results.join_thread()
+    if out[0] == "error":
+        # After a failed exchange Gloo's teardown waits for the abandoned operation until the
+        # group's own timeout; the error is already reported, so leave at once.
+        os._exit(1)
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
