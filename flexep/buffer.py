@@ -394,8 +394,9 @@ class Buffer:
         """Return every received row to its source and sum per original token.
 
         Args:
-            x: ``[M, H]`` bf16/fp16/fp32, row i is this rank's result for its i-th received token
-                (``M`` = the handle's rows, ``num_worst_tokens`` if that was used).
+            x: ``[M, H']`` bf16/fp16/fp32, row i is this rank's result for its i-th received token
+                (``M`` = the handle's rows, ``num_worst_tokens`` if that was used; ``H'`` may differ
+                from the dispatched hidden size, as in DeepEP, but must agree across ranks).
             handle: from :meth:`dispatch`.
             topk_weights: optional ``[M, K] float32``, summed the same way.
             bias: None, ``[T, H]`` or a pair of ``[T, H]`` tensors (dtype of ``x``) added once.
@@ -411,10 +412,8 @@ class Buffer:
         try:
             V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
             self._check_handle(handle)
+            # Any width: combine may return rows of another size than were dispatched (DeepEP).
             V.check_tensor("x", x, dim=2, dtypes=V.FLOAT_DTYPES, rows=handle.num_rows)
-            if x.size(1) != handle.hidden:
-                raise ValueError(f"x must be [{handle.num_rows}, {handle.hidden}] (hidden of the "
-                                 f"dispatch), got {tuple(x.shape)}")
             if topk_weights is not None:
                 V.check_tensor("topk_weights", topk_weights, dim=2, dtypes=(torch.float32,),
                                rows=handle.num_rows)

@@ -82,11 +82,13 @@ def _run_scenarios(rank: int, world: int, ranks_per_node, num_channels: int) -> 
         y = _plain(recv_x).to(torch.float32 if isinstance(recv_x, tuple) else _plain(recv_x).dtype)
         bias = torch.ones(x[0].size(0) if isinstance(x, tuple) else x.size(0), HIDDEN, dtype=y.dtype)
         combined, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w, bias=bias)
+        # Combine may return narrower rows than were dispatched (DeepEP takes the width from x).
+        narrow, _, _ = buf.combine(y[:, : HIDDEN // 4].contiguous(), handle)
         out[case["name"]] = dict(
             layout=(n_rank, n_rdma, n_expert, in_rank), recv_x=recv_x, recv_idx=recv_idx,
             recv_w=recv_w, counts=counts, cached=cached, cached_rest=rest[:4],
             prefix=handle[0] if len(handle) == 6 else handle[-4], handle_len=len(handle),
-            recv_src_idx=handle.recv_src_idx, combined=combined, combined_w=combined_w,
+            recv_src_idx=handle.recv_src_idx, combined=combined, combined_w=combined_w, narrow=narrow,
             traffic=buf.last_traffic)
     buf.destroy()
     return out
@@ -179,6 +181,8 @@ def _check_combine(case, inputs, ref, results, world):
         tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(got["combined"].dtype, 1e-2)
         torch.testing.assert_close(got["combined"].double(), want, rtol=tol, atol=tol,
                                    msg=f"{case['name']} rank {r} combine")
+        torch.testing.assert_close(got["narrow"].double(), expect[r][0][:, : HIDDEN // 4], rtol=tol,
+                                   atol=tol, msg=f"{case['name']} rank {r} narrow combine")
         if weights_in is not None:
             torch.testing.assert_close(got["combined_w"].double(), expect[r][1], rtol=1e-6, atol=1e-6)
             # Non-local slots came back as 0, so the sum recovers the original weights.
