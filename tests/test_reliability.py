@@ -464,7 +464,7 @@ def _world2_worker(rank: int, world: int, skip_timeout: float) -> dict:
     else:
         time.sleep(skip_timeout + 3)
     # check_consistency=False: a bad combine input raises on rank 1 only; rank 0 times out
-    x = recv_x if rank == 0 else recv_x[:, :-1].contiguous()
+    x = recv_x if rank == 0 else recv_x.to(torch.int64)  # a TypeError on rank 1 only
     res["loose_bad_input"] = _attempt(functools.partial(loose.combine, x, handle))
     if rank == 1:
         time.sleep(skip_timeout + 3)
@@ -560,8 +560,8 @@ def test_check_consistency_off_makes_input_errors_local(world2):
     """With ``check_consistency=False`` there is no header round on combine: the bad rank raises
     its ValueError at once and alone; its peer times out naming it (no mismatched collective)."""
     bad = world2[1]["loose_bad_input"]
-    assert not bad["ok"] and bad["err"]["types"][0] == "ValueError", bad
-    assert "x must be" in bad["err"]["msg"] and bad["elapsed"] < 1.0, bad
+    assert not bad["ok"] and bad["err"]["types"][0] == "TypeError", bad
+    assert "x must have dtype" in bad["err"]["msg"] and bad["elapsed"] < 1.0, bad
     peer = world2[0]["loose_bad_input"]
     assert not peer["ok"] and "CommTimeoutError" in peer["err"]["types"], peer
     assert peer["err"]["ranks"] == [1] and peer["elapsed"] >= 2.0 - 0.05, peer
