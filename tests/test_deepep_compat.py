@@ -548,8 +548,8 @@ def intranode_loop(rank, num_ranks, group, sizes, ll_compat: bool) -> dict:
     branch (LL-mode buffer, normal test, ``clean_low_latency_buffer``, LL test at top-9)."""
     args = args_of(*sizes)
     num_rdma_bytes = 0
+    ll_num_tokens, ll_hidden, ll_num_experts, _ = LL_COMPAT
     if ll_compat:
-        ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk = LL_COMPAT
         num_rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(ll_num_tokens, ll_hidden, num_ranks,
                                                                        ll_num_experts)
     buffer = deep_ep.Buffer(group, int(2e9), num_rdma_bytes, low_latency_mode=ll_compat,
@@ -563,16 +563,18 @@ def intranode_loop(rank, num_ranks, group, sizes, ll_compat: bool) -> dict:
                                                   internode=False)
     num_configs = tuning_calls(buffer, num_ranks, False, layout, nvl_buffer_size)
 
-    num_ll_cases = 0
-    if ll_compat:
-        # Test compatibility with low latency functions
-        buffer.clean_low_latency_buffer(ll_num_tokens, ll_hidden, ll_num_experts)
-        num_ll_cases = low_latency_main(ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk, rank,
-                                        num_ranks, group, buffer, seed=1)[0]
-
+    num_ll_cases = ll_compat_cases(buffer, rank, num_ranks, group) if ll_compat else 0
     buffer.destroy()
     dist.barrier()
     return dict(cases=num_cases, configs=num_configs, ll_cases=num_ll_cases)
+
+
+def ll_compat_cases(buffer, rank: int, num_ranks: int, group) -> int:
+    """DeepEP's LL-compatibility block: clean the buffer, then the low-latency test on it."""
+    ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk = LL_COMPAT
+    buffer.clean_low_latency_buffer(ll_num_tokens, ll_hidden, ll_num_experts)
+    return low_latency_main(ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk, rank, num_ranks,
+                            group, buffer, seed=1)[0]
 
 
 def internode_loop(rank, num_ranks, group, sizes, ranks_per_node: Optional[int], ll_compat: bool) -> dict:
@@ -582,8 +584,7 @@ def internode_loop(rank, num_ranks, group, sizes, ranks_per_node: Optional[int],
     node_shape = {} if ranks_per_node is None else dict(ranks_per_node=ranks_per_node)
     num_nodes = num_ranks // (ranks_per_node or int(os.environ["FLEXEP_RANKS_PER_NODE"]))
     args = args_of(*sizes, num_topk_groups=min(num_nodes, 4))
-    ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk = LL_COMPAT
-    num_qps_per_rank = max(NUM_SMS, ll_num_experts // num_ranks if ll_compat else 0)
+    num_qps_per_rank = max(NUM_SMS, LL_COMPAT[2] // num_ranks if ll_compat else 0)
     buffer = deep_ep.Buffer(group, int(2e9), int(1e9), low_latency_mode=ll_compat,
                             num_qps_per_rank=num_qps_per_rank, explicitly_destroy=True, **node_shape)
     rdma_buffer_size, nvl_buffer_size = 128, (720 if num_ranks in (24, 48, 96, 144, 160) else 512)
@@ -598,12 +599,7 @@ def internode_loop(rank, num_ranks, group, sizes, ranks_per_node: Optional[int],
     assert len(set(hashes)) == 1, hashes
     num_configs = tuning_calls(buffer, num_ranks, True, layout, nvl_buffer_size, rdma_buffer_size)
 
-    num_ll_cases = 0
-    if ll_compat:
-        # Test compatibility with low latency functions
-        buffer.clean_low_latency_buffer(ll_num_tokens, ll_hidden, ll_num_experts)
-        num_ll_cases = low_latency_main(ll_num_tokens, ll_hidden, ll_num_experts, ll_num_topk, rank,
-                                        num_ranks, group, buffer, seed=1)[0]
+    num_ll_cases = ll_compat_cases(buffer, rank, num_ranks, group) if ll_compat else 0
     buffer.destroy()
     dist.barrier()
     return dict(cases=num_cases, configs=num_configs, ll_cases=num_ll_cases)
