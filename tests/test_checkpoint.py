@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
+from groups import ep_subgroups
 
 import flexep
 from flexep import checkpoint
@@ -45,12 +45,7 @@ def _forward(layer, x, group) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, x, root: str) -> dict:
-    groups = {}
-    for size in (1, 2, 4):
-        for start in range(0, world, size):
-            g = dist.new_group(list(range(start, start + size)))
-            if start <= rank < start + size:
-                groups[size] = g
+    groups = ep_subgroups(rank, world)
     out = {}
     for slotwise in (True, False):
         tag = "slot" if slotwise else "rank"

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from groups import ep_subgroups
 
 import flexep
 from flexep.eplb import global_placement
@@ -97,17 +98,6 @@ def test_grouped_mm_matches_segment_loop(a, b):
 
 
 # ---- the distributed run ------------------------------------------------------------------------
-def _subgroups(rank: int, world: int) -> dict:
-    """EP groups of size 1, 2 and 4 from one 4-rank world (every rank creates every group)."""
-    mine = {}
-    for size in (1, 2, 4):
-        for start in range(0, world, size):
-            group = dist.new_group(list(range(start, start + size)))
-            if start <= rank < start + size:
-                mine[size] = group
-    return mine
-
-
 def _shard(t: torch.Tensor, group) -> torch.Tensor:
     n = t.size(0) // group.size()
     return t[group.rank() * n:(group.rank() + 1) * n]
@@ -203,7 +193,7 @@ def _edge_worker(groups: dict, x: torch.Tensor) -> dict:
 
 def _worker(rank: int, world: int, x, target, head) -> dict:
     torch.manual_seed(0)
-    groups = _subgroups(rank, world)
+    groups = ep_subgroups(rank, world)
     return dict(sizes=_sizes_worker(groups, x),
                 train=_train_worker(flexep.Buffer(groups[4]), x, target, head),
                 decode=_decode_worker(rank, world, x), edge=_edge_worker(groups, x))
