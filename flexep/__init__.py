@@ -7,16 +7,17 @@ from . import autograd, checkpoint, eplb, moe, utils
 from .buffer import Buffer, topk_idx_t
 from .config import Config
 from .errors import (
-                     BrokenCommunicatorError,
-                     CapacityError,
-                     CommTimeoutError,
-                     ConservationError,
-                     FlexepRuntimeError,
-                     PeerFailureError,
-                     RankMismatchError,
-                     RemoteInputError,
+    BrokenCommunicatorError,
+    CapacityError,
+    CommTimeoutError,
+    ConservationError,
+    FlexepRuntimeError,
+    PeerFailureError,
+    RankMismatchError,
+    RemoteInputError,
 )
 from .event import EventHandle, EventOverlap
+from .low_latency import LowLatencyHandle
 from .normal import NormalHandle
 from .topology import Topology
 from .transport import TrafficStats
@@ -24,9 +25,8 @@ from .transport import TrafficStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "Topology", "TrafficStats",
-    "topk_idx_t", "autograd", "checkpoint", "eplb", "moe", "utils", "FlexepRuntimeError",
-    "CommTimeoutError", "PeerFailureError",
-    "RankMismatchError", "RemoteInputError", "CapacityError", "BrokenCommunicatorError",
-    "ConservationError", "__version__",
+    "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "LowLatencyHandle", "Topology",
+    "TrafficStats", "topk_idx_t", "autograd", "checkpoint", "eplb", "moe", "utils",
+    "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
+    "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError", "__version__",
 ]
