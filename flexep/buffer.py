@@ -215,18 +215,20 @@ class Buffer:
         """Not available: flexep has no registered symmetric buffer to expose."""
         raise NotImplementedError("flexep allocates per call and has no raw NVL/RDMA buffer to view")
 
-    def _tp(self, op: str) -> Transport:
+    def _alive(self) -> Transport:
         if self.runtime is None:
             raise RuntimeError("this Buffer was destroyed; create a new one")
-        self.runtime.begin(op)
         return self.runtime
+
+    def _tp(self, op: str) -> Transport:
+        tp = self._alive()
+        tp.begin(op)
+        return tp
 
     @property
     def last_traffic(self) -> TrafficStats:
         """Bytes the last call on this rank sent per link class, next to the routing's minimum."""
-        if self.runtime is None:
-            raise RuntimeError("this Buffer was destroyed; create a new one")
-        return self.runtime.stats
+        return self._alive().stats
 
     @staticmethod
     def _event(async_finish: bool, tensors) -> EventOverlap:
@@ -251,8 +253,7 @@ class Buffer:
             is_token_in_rank: ``[T, W] bool``.
             event: ``EventOverlap`` (holds an event only with ``async_finish``).
         """
-        if self.runtime is None:
-            raise RuntimeError("this Buffer was destroyed; create a new one")
+        self._alive()
         V.check_flags(previous_event, async_finish, allocate_on_comm_stream)
         V.check_num_experts(num_experts, self.group_size)
         topk_idx = V.check_topk_idx(topk_idx, None, num_experts, values=self.validate)

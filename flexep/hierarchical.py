@@ -222,32 +222,47 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
     return DispatchResult(recv_x, recv.scales, recv.topk_idx, recv.topk_weights, recv.counts, handle)
 
 
-def _two_hops(tp: Transport, plan: HierPlan, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Replay both dispatch hops for row-aligned ``tensors [T, ...]``; returns ``[M, ...]`` each."""
+def _two_hops(tp: Transport, plan: HierPlan, tensors: Sequence[torch.Tensor],
+              outs: Sequence[torch.Tensor]) -> None:
+    """Replay both dispatch hops for row-aligned ``tensors [T, ...]`` into ``outs [M, ...]``.
+
+    Intermediate rows live in the workspace, as in :func:`dispatch`; the final reorder writes
+    straight into ``outs``.
+    """
     rail_members, node_members = plan.members(tp.rank)
-    rail_in = [wire_view(t).index_select(0, plan.rail_order) for t in tensors]
-    rail_out = [t.new_empty(sum(plan.rail_recv), *t.shape[1:]) for t in rail_in]
+    ws = tp.workspace
+
+    def name(base: str, i: int) -> str:  # the data rows share dispatch's scratch buffers
+        return base if i == 0 else f"{base}{i}"
+
+    rail_in = [gather_rows(ws, name("send_x", i), wire_view(t), plan.rail_order)
+               for i, t in enumerate(tensors)]
+    rail_out = [ws.get(name("rail_recv", i), (sum(plan.rail_recv), *t.shape[1:]), t.dtype, t.device)
+                for i, t in enumerate(rail_in)]
     tp.all_to_all("rail", rail_in, rail_out, plan.rail_send, plan.rail_recv,
                   group=plan.groups.rail, role="rail", members=rail_members)
-    fwd_in = [t.index_select(0, plan.fwd_order) for t in rail_out]
-    fwd_out = [t.new_empty(sum(plan.fwd_recv), *t.shape[1:]) for t in fwd_in]
+    fwd_in = [gather_rows(ws, name("fwd_send", i), t, plan.fwd_order) for i, t in enumerate(rail_out)]
+    fwd_out = [ws.get(name("intra_recv", i), (sum(plan.fwd_recv), *t.shape[1:]), t.dtype, t.device)
+               for i, t in enumerate(fwd_in)]
     tp.all_to_all("intra", fwd_in, fwd_out, plan.fwd_send, plan.fwd_recv,
                   group=plan.groups.intra, role="intra", members=node_members)
-    return [t.index_select(0, plan.perm) for t in fwd_out]
+    for src, out in zip(fwd_out, outs):
+        torch.index_select(src, 0, plan.perm, out=wire_view(out))
 
 
 def cached_dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
                     handle: NormalHandle) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Send ``x`` (and scales) along a hierarchical handle's routing."""
     rows, num_recv = handle.num_rows, handle.num_recv_tokens
-    tp.fault_point("before_payload")
-    moved = _two_hops(tp, handle.hier, [x] + ([scales.contiguous()] if scales is not None else []))
     recv_x = padded_rows(x, rows, num_recv)
-    wire_view(recv_x)[:num_recv] = moved[0]
+    tensors, outs = [x], [recv_x[:num_recv]]
     recv_scales = None
     if scales is not None:
         recv_scales = torch.zeros(rows, scales.size(1), dtype=scales.dtype)
-        recv_scales[:num_recv] = moved[1]
+        tensors.append(scales.contiguous())
+        outs.append(recv_scales[:num_recv])
+    tp.fault_point("before_payload")
+    _two_hops(tp, handle.hier, tensors, outs)
     return recv_x, recv_scales
 
 
