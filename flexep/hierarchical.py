@@ -38,7 +38,7 @@ from .layout import send_order
 from .normal import (
     DispatchResult,
     NormalHandle,
-    accumulator_dtype,
+    Staged,
     channel_prefix,
     finish_receive,
     gather_rows,
@@ -47,14 +47,13 @@ from .normal import (
     padded_rows,
     position_in_group,
     recv_channel_prefix,
-    reduce_blocks,
-    reduce_to,
     unpack_rows,
 )
+from .reduce import sum_blocks
 from .topology import Topology, TopologyGroups
 from .transport import LINK_CLASSES, Transport
 
-__all__ = ["HierPlan", "dispatch", "cached_dispatch", "combine", "node_membership"]
+__all__ = ["HierPlan", "stage", "dispatch", "cached_dispatch", "combine", "node_membership"]
 
 
 def node_membership(is_token_in_rank: torch.Tensor, ranks_per_node: int) -> torch.Tensor:
@@ -133,13 +132,28 @@ def _intra_perm(counts: torch.Tensor, rank: int, topo: Topology) -> torch.Tensor
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
 
 
-def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
-             topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
-             is_token_in_rank: torch.Tensor, counts: torch.Tensor, src_tokens: Sequence[int],
-             num_experts: int, num_worst_tokens: int, expert_alignment: int,
-             num_tokens_per_expert: Optional[torch.Tensor], channels: int, buffer_uid: int, *,
-             groups: TopologyGroups, node_counts: torch.Tensor) -> DispatchResult:
-    """Two-hop dispatch with the same outputs as :func:`flexep.normal.dispatch`."""
+def stage(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
+          topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
+          is_token_in_rank: torch.Tensor) -> Staged:
+    """Rows for hop 1, one per (token, destination node), grouped by node (overlaps the header)."""
+    per, nodes = tp.topo.ranks_per_node, tp.topo.num_nodes
+    in_node = node_membership(is_token_in_rank, per)
+    order = send_order(in_node)
+    mask = None
+    if topk_idx is None:
+        # Without top-k ids the forwarder cannot tell which of its node's ranks want the token.
+        node_of_row = torch.repeat_interleave(torch.arange(nodes), in_node.sum(0))
+        mask = is_token_in_rank.view(-1, nodes, per)[order, node_of_row].to(torch.uint8)
+    meta, specs = pack_token_meta(order, topk_idx, topk_weights, scales, extra=mask)
+    return Staged(order, gather_rows(tp.workspace, "send_x", wire_view(x), order), meta, specs)
+
+
+def dispatch(tp: Transport, staged: Staged, x: torch.Tensor, scales: Optional[torch.Tensor],
+             topk_idx: Optional[torch.Tensor], is_token_in_rank: torch.Tensor, counts: torch.Tensor,
+             src_tokens: Sequence[int], num_experts: int, num_worst_tokens: int,
+             expert_alignment: int, num_tokens_per_expert: Optional[torch.Tensor], channels: int,
+             buffer_uid: int, *, groups: TopologyGroups, node_counts: torch.Tensor) -> DispatchResult:
+    """Two-hop dispatch of :func:`stage`'s rows, same outputs as :func:`flexep.normal.dispatch`."""
     topo = tp.topo
     rank, per, nodes = tp.rank, topo.ranks_per_node, topo.num_nodes
     me_node, me_local = topo.node_of(rank), topo.local_rank_of(rank)
@@ -148,20 +162,14 @@ def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
 
     # Hop 1: one row per (token, destination node) over the rail.
     in_node = node_membership(is_token_in_rank, per)
-    rail_order = send_order(in_node)
+    rail_order, specs = staged.order, staged.specs
     rail_send = node_counts[rank].tolist()
     rail_recv = node_counts[rail_members, me_node].tolist()
-    mask = None
-    if topk_idx is None:
-        # Without top-k ids the forwarder cannot tell which of its node's ranks want the token.
-        node_of_row = torch.repeat_interleave(torch.arange(nodes), torch.tensor(rail_send))
-        mask = is_token_in_rank.view(-1, nodes, per)[rail_order, node_of_row].to(torch.uint8)
-    meta, specs = pack_token_meta(rail_order, topk_idx, topk_weights, scales, extra=mask)
     ws = tp.workspace
     rail_x = ws.get("rail_recv", (sum(rail_recv), x.size(1)), wire_view(x).dtype, x.device)
-    rail_meta = meta.new_empty(sum(rail_recv), meta.size(1))
+    rail_meta = staged.meta.new_empty(sum(rail_recv), staged.meta.size(1))
     tp.fault_point("before_payload")
-    tp.all_to_all("rail", [gather_rows(ws, "send_x", wire_view(x), rail_order), meta], [rail_x, rail_meta],
+    tp.all_to_all("rail", [staged.x, staged.meta], [rail_x, rail_meta],
                   rail_send, rail_recv, group=groups.rail, role="rail", members=rail_members)
 
     # Hop 2: forward each rail row to the ranks of this node that want it.
@@ -285,19 +293,16 @@ def combine(tp: Transport, x: torch.Tensor, handle: NormalHandle,
     tp.all_to_all("intra", back, at_fwd, plan.fwd_recv, plan.fwd_send, group=plan.groups.intra,
                   role="intra", members=node_members)
     # Partial sum per rail row over this node's ranks; rounded to the wire dtype like DeepEP.
-    partial = []
-    for i, t in enumerate(at_fwd):
-        acc = ws.zeros(f"partial_acc{i}", (sum(plan.rail_recv), t.size(1)), accumulator_dtype(t.dtype),
-                       t.device)
-        partial.append(reduce_blocks(t, plan.fwd_order, plan.fwd_send, acc, (), ws).to(t.dtype))
+    partial = [sum_blocks(t, plan.fwd_order, plan.fwd_send, sum(plan.rail_recv), (), ws,
+                          out=ws.get(f"partial{i}", (sum(plan.rail_recv), t.size(1)), t.dtype, t.device))
+               for i, t in enumerate(at_fwd)]
     # Hop 1 backwards: one partial per (token, node) crosses the network.
     at_src = [ws.get(f"at_src{i}", (sum(plan.rail_send), t.size(1)), t.dtype, t.device)
               for i, t in enumerate(partial)]
     tp.all_to_all("rail", partial, at_src, plan.rail_recv, plan.rail_send, group=plan.groups.rail,
                   role="rail", members=rail_members)
-    out = reduce_to(at_src[0], plan.rail_order, plan.rail_send, handle.num_tokens, x.dtype, bias, ws)
+    out = sum_blocks(at_src[0], plan.rail_order, plan.rail_send, handle.num_tokens, bias, ws)
     combined_w = None
     if topk_weights is not None:
-        combined_w = reduce_to(at_src[1], plan.rail_order, plan.rail_send, handle.num_tokens,
-                               torch.float32, (), ws)
+        combined_w = sum_blocks(at_src[1], plan.rail_order, plan.rail_send, handle.num_tokens)
     return out, combined_w

@@ -9,8 +9,8 @@ moves their packed metadata (source index, top-k ids and weights, FP8 scales). R
 grouped by source rank in rank order, in source token order, exactly as DeepEP delivers them.
 
 Combine is the adjoint: every rank returns its rows along the reverse split and each source
-sums, per destination block in rank order, into a float32 accumulator (so results are
-deterministic), then rounds once to the input dtype.
+sums them per token, in rank order with float32 accumulation (so results are deterministic),
+rounding once to the input dtype (:mod:`flexep.reduce`).
 
 The header round (:mod:`flexep.protocol`) has already run when these functions are called and
 provides the ``[W, W]`` count matrix; these functions only move data.
@@ -26,11 +26,12 @@ import torch
 
 from ._dtypes import wire_view
 from .layout import aligned_expert_counts, send_order, to_local_expert_ids
+from .reduce import sum_blocks
 from .transport import Transport
 from .workspace import Workspace
 
-__all__ = ["NormalHandle", "DispatchResult", "dispatch", "cached_dispatch", "combine",
-           "pack_rows", "unpack_rows", "accumulator_dtype"]
+__all__ = ["NormalHandle", "Staged", "DispatchResult", "stage", "dispatch", "cached_dispatch", "combine",
+           "pack_rows", "unpack_rows"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ class NormalHandle:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """Rows and metadata of a dispatch's first exchange, built while the header is in flight."""
+
+    order: torch.Tensor  # [N] int64, token of each sent row, grouped by destination
+    x: torch.Tensor  # [N, H] wire dtype, the rows (a workspace view)
+    meta: torch.Tensor  # [N, B] uint8, packed metadata (see pack_token_meta)
+    specs: list
+
+
+@dataclass(frozen=True)
 class DispatchResult:
     recv_x: torch.Tensor
     recv_scales: Optional[torch.Tensor]
@@ -123,12 +134,6 @@ def unpack_rows(buf: torch.Tensor, specs: Sequence[tuple]) -> list[torch.Tensor]
     return out
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---- dispatch -----------------------------------------------------------------------------
 def channel_prefix(is_token_in_rank: torch.Tensor, channels: int) -> torch.Tensor:
     """``[W, C] int32``: inclusive prefix over channels of tokens sent to each rank."""
     tokens, world = is_token_in_rank.shape
@@ -151,27 +156,32 @@ def recv_channel_prefix(recv_src_idx: torch.Tensor, recv_counts: Sequence[int],
     return out
 
 
-def dispatch(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
-             topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
-             is_token_in_rank: torch.Tensor, counts: torch.Tensor, src_tokens: Sequence[int],
-             num_experts: int, num_worst_tokens: int, expert_alignment: int,
-             num_tokens_per_expert: Optional[torch.Tensor], channels: int,
-             buffer_uid: int) -> DispatchResult:
-    """Flat dispatch. ``counts: [W, W]`` from the header round; see module docstring."""
-    rank = tp.rank
+def stage(tp: Transport, x: torch.Tensor, scales: Optional[torch.Tensor],
+          topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor],
+          is_token_in_rank: torch.Tensor) -> Staged:
+    """Gather the rows to send, grouped by destination (local work, overlapped with the header)."""
     order = send_order(is_token_in_rank)
+    meta, specs = pack_token_meta(order, topk_idx, topk_weights, scales)
+    return Staged(order, gather_rows(tp.workspace, "send_x", wire_view(x), order), meta, specs)
+
+
+def dispatch(tp: Transport, staged: Staged, x: torch.Tensor, scales: Optional[torch.Tensor],
+             topk_idx: Optional[torch.Tensor], is_token_in_rank: torch.Tensor, counts: torch.Tensor,
+             src_tokens: Sequence[int], num_experts: int, num_worst_tokens: int,
+             expert_alignment: int, num_tokens_per_expert: Optional[torch.Tensor], channels: int,
+             buffer_uid: int) -> DispatchResult:
+    """Flat dispatch of :func:`stage`'s rows; ``counts: [W, W]`` from the header round."""
+    rank = tp.rank
+    order, specs = staged.order, staged.specs
     send_counts = counts[rank].tolist()
     recv_counts = counts[:, rank].tolist()
     num_recv = sum(recv_counts)
     rows = max(num_recv, num_worst_tokens)
 
-    meta_send, specs = pack_token_meta(order, topk_idx, topk_weights, scales)
-    meta_recv = meta_send.new_empty(num_recv, meta_send.size(1))
-
-    x_send = gather_rows(tp.workspace, "send_x", wire_view(x), order)
+    meta_recv = staged.meta.new_empty(num_recv, staged.meta.size(1))
     recv_x = padded_rows(x, rows, num_recv)
     tp.fault_point("before_payload")
-    tp.all_to_all("payload", [x_send, meta_send], [recv_x[:num_recv], meta_recv],
+    tp.all_to_all("payload", [staged.x, staged.meta], [recv_x[:num_recv], meta_recv],
                   send_counts, recv_counts)
 
     recv = finish_receive(tp, unpack_rows(meta_recv, specs), rows, num_recv, topk_idx, scales,
@@ -308,56 +318,14 @@ def combine(tp: Transport, x: torch.Tensor, handle: NormalHandle,
         recvs.append(w_back)
     tp.fault_point("before_payload")
     tp.all_to_all("payload", sends, recvs, handle.recv_counts, handle.send_counts)
-    out = reduce_to(back, handle.send_order, handle.send_counts, handle.num_tokens, x.dtype, bias, ws)
+    out = sum_blocks(back, handle.send_order, handle.send_counts, handle.num_tokens, bias, ws)
     combined_w = None
     if w_back is not None:
-        combined_w = reduce_to(w_back, handle.send_order, handle.send_counts, handle.num_tokens,
-                               torch.float32, (), ws)
+        combined_w = sum_blocks(w_back, handle.send_order, handle.send_counts, handle.num_tokens)
     return out, combined_w
-
-
-def reduce_to(rows: torch.Tensor, index: torch.Tensor, counts: Sequence[int], num_tokens: int,
-              dtype: torch.dtype, bias: Sequence[torch.Tensor], ws: Workspace) -> torch.Tensor:
-    """:func:`reduce_blocks` into a fresh ``[num_tokens, ...]`` tensor of ``dtype`` (a result)."""
-    acc_dtype = accumulator_dtype(dtype)
-    if acc_dtype == dtype:  # the accumulator is the result: it must not live in the workspace
-        acc = torch.zeros(num_tokens, *rows.shape[1:], dtype=acc_dtype, device=rows.device)
-        return reduce_blocks(rows, index, counts, acc, bias, ws)
-    acc = ws.zeros("acc", (num_tokens, *rows.shape[1:]), acc_dtype, rows.device)
-    return reduce_blocks(rows, index, counts, acc, bias, ws).to(dtype)
 
 
 def gather_rows(ws: Workspace, name: str, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[index]`` written into the workspace tensor ``name`` (see :mod:`flexep.workspace`)."""
     out = ws.get(name, (index.numel(), *t.shape[1:]), t.dtype, t.device)
     return torch.index_select(t, 0, index, out=out)
-
-
-def reduce_blocks(rows: torch.Tensor, index: torch.Tensor, counts: Sequence[int], acc: torch.Tensor,
-                  bias: Sequence[torch.Tensor], ws: Workspace) -> torch.Tensor:
-    """``acc[index[i]] += rows[i]`` (``acc`` zeroed by the caller), block by block, in block order.
-
-    Rows are widened to ``acc``'s dtype through a small reusable tile (``_TILE_ROWS`` rows), so
-    the widened copy stays in cache: about 3x faster on CPU than widening a whole block, and the
-    summation order is fixed (bitwise reproducible). Every block holds each token at most once.
-    Bias rows are added first. Returns ``acc``.
-    """
-    acc_dtype = acc.dtype
-    for b in bias:
-        acc += b.to(acc_dtype)
-    tile = None
-    if rows.dtype != acc_dtype:
-        tile = ws.get("tile", (min(_TILE_ROWS, rows.size(0)), *rows.shape[1:]), acc_dtype, rows.device)
-    start = 0
-    for n in counts:
-        for lo in range(start, start + n, _TILE_ROWS):
-            hi = min(lo + _TILE_ROWS, start + n)
-            part = rows[lo:hi]
-            if tile is not None:
-                part = tile[: hi - lo].copy_(part)
-            acc.index_add_(0, index[lo:hi], part)
-        start += n
-    return acc
-
-
-_TILE_ROWS = 128
