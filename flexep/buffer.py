@@ -342,16 +342,21 @@ class Buffer:
                                  f"got {num_tokens_per_rank.tolist()}, expected {send_counts.tolist()}")
         except (TypeError, ValueError) as exc:
             error, send_counts, node_counts = exc, None, None
+        algo, staged = self._normal_algorithm(), []
+
+        def stage() -> None:  # the send rows depend on local inputs only: build them meanwhile
+            staged.append(algo.stage(tp, data, scales, topk_idx, topk_weights, is_token_in_rank))
+
         header = header_round(
             tp, "dispatch", error=error, send_counts=send_counts, check=self.check_consistency,
             extra_width=self.topology.num_nodes if self.hierarchical else 0, extra=node_counts,
+            meanwhile=None if error else stage,
             **({} if error else self._agree(data, scales, num_experts, topk_idx)),
             num_tokens=data.size(0) if data is not None else 0,
             num_worst_tokens=num_worst_tokens if error is None else 0)
         counts = header.counts
         _check_worst_tokens(tp, header)
-        algo = self._normal_algorithm()
-        res = algo.dispatch(tp, data, scales, topk_idx, topk_weights, is_token_in_rank, counts,
+        res = algo.dispatch(tp, staged[0], data, scales, topk_idx, is_token_in_rank, counts,
                             header.field("num_tokens"), num_experts, num_worst_tokens,
                             expert_alignment, num_tokens_per_expert, config_.num_channels, self.uid,
                             **self._algo_kwargs(header))

@@ -19,7 +19,7 @@ the mismatched message.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -69,12 +69,13 @@ class Header:
 def header_round(tp: Transport, op: str, *, error: Optional[BaseException] = None,
                  send_counts: Optional[torch.Tensor] = None, check: bool = True,
                  extra_width: int = 0, extra: Optional[torch.Tensor] = None,
-                 **values: int) -> Header:
+                 meanwhile: Optional[Callable[[], None]] = None, **values: int) -> Header:
     """Run the header round for call ``op`` and raise collectively on any disagreement.
 
     ``values`` fills the agreement fields by name (unset fields are not compared). A local
     ``error`` is shipped as a flag and re-raised here, after every peer has been told.
     ``extra`` (``[extra_width]``, a width every rank knows, e.g. from the topology) rides along.
+    ``meanwhile`` is local work run while the round is in flight (see ``Transport.all_gather``).
     """
     world = tp.world
     row = torch.full((len(FIELDS) + world + extra_width,), ANY, dtype=torch.int64)
@@ -89,7 +90,7 @@ def header_round(tp: Transport, op: str, *, error: Optional[BaseException] = Non
     row[len(FIELDS):end] = send_counts.to(torch.int64).cpu() if ok and send_counts is not None else 0
     row[end:] = extra.to(torch.int64).cpu() if ok and extra is not None else 0
     tp.fault_point("before_header")
-    table = tp.all_gather("header", row)
+    table = tp.all_gather("header", row, meanwhile=meanwhile)
     header = Header(fields=table[:, : len(FIELDS)], counts=table[:, len(FIELDS):end], extra=table[:, end:])
     _raise_on_disagreement(tp, op, header, error, check)
     return header

