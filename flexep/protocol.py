@@ -13,7 +13,8 @@ ranks reach the same verdict:
 * the send counts give every rank the full ``[W, W]`` traffic matrix, which dispatch needs anyway.
 
 The header has a fixed width that depends only on the group size, so it can never itself be
-the mismatched message.
+the mismatched message. Local work that does not depend on the verdict (dispatch gathering its
+send rows) runs while the round is in flight.
 """
 
 from __future__ import annotations

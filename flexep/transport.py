@@ -225,9 +225,9 @@ class Transport:
     def _wait_one(self, work, watcher: Optional[_FailureWatcher]) -> Optional[_FailureWatcher]:
         """Wait for ``work`` until the deadline; on Gloo, give up early if a peer reported a failure.
 
-        Gloo collectives (ring all-gather, ...) do not connect every pair, so a rank whose
-        neighbours are alive would only notice a dead peer at its own deadline, long after the
-        ranks next to the victim. On Gloo the wait is therefore cut into slices; once a wait has
+        An exchange need not connect a rank to the victim (a node or rail subgroup of the
+        hierarchical exchange, a ring collective), so a rank whose partners are alive would only
+        notice a dead peer at its own deadline, long after the ranks next to the victim. On Gloo the wait is therefore cut into slices; once a wait has
         lasted one slice, a watcher thread polls the store for a failure another rank posted
         (the store is never touched on this thread: a frozen store host must not block it).
         Other backends get one wait with the time left (a timed-out NCCL wait may abort).
