@@ -76,11 +76,15 @@ def _routing(cfg: BenchConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def _timed(fn, *args):
-    """``fn(*args)`` and its wall time, all ranks starting together."""
+    """``fn(*args)`` and ``(wall time, this process's CPU time)``, all ranks starting together.
+
+    CPU time counts every thread of the rank (the backend's transfer threads too); on a host
+    where ranks outnumber cores it is the steadier measure of what a phase costs.
+    """
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
-    return out, time.perf_counter() - start
+    return out, (time.perf_counter() - start, time.process_time() - cpu)
 
 
 def _naive(buf_group, x, topk_idx, topk_w, experts, rank, world):
@@ -221,12 +225,13 @@ def _stats(buf: Buffer) -> dict:
 
 def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
     """Slowest rank per iteration, median over iterations; bytes summed over ranks."""
-    def phase(name):
+    def phase(name, which):
         per_iter = list(zip(*[r["times"][name] for r in per_rank]))
-        return statistics.median(max(v) for v in per_iter)
+        return statistics.median(max(v[which] for v in it) for it in per_iter)
 
     world = len(per_rank)
-    t = {k: phase(k) for k in per_rank[0]["times"]}
+    t = {k: phase(k, 0) for k in per_rank[0]["times"]}
+    cpu = {k: phase(k, 1) for k in per_rank[0]["times"]}
 
     def total(key, field, link):
         return sum(r["traffic"][key][field][link] for r in per_rank)
@@ -243,11 +248,13 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
     main = variants[0]
     ours = main["dispatch_s"] + main["combine_s"]
     raw = t["raw_dispatch"] + t["raw_combine"]
-    return dict(config=asdict(cfg), times_s=t, variants=variants, world=world,
+    return dict(config=asdict(cfg), times_s=t, cpu_s=cpu, variants=variants, world=world,
                 raw_bytes_per_rank=max(r["raw_bytes"] for r in per_rank),
                 naive_bytes_per_rank=max(r["naive_bytes"] for r in per_rank),
                 ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"],
-                ratio_vs_floor=ours / (t["floor_dispatch"] + t["floor_combine"]))
+                ratio_vs_floor=ours / (t["floor_dispatch"] + t["floor_combine"]),
+                cpu_ratio_vs_raw=(cpu[f"{main['name']} dispatch"] + cpu[f"{main['name']} combine"])
+                / (cpu["raw_dispatch"] + cpu["raw_combine"]))
 
 
 def _ratio(a: int, b: int) -> str:
@@ -256,39 +263,41 @@ def _ratio(a: int, b: int) -> str:
 
 def format_table(s: dict) -> str:
     """The benchmark as readable text: per-phase times, bytes and ratios."""
-    c, t, world = s["config"], s["times_s"], s["world"]
+    c, t, cpu, world = s["config"], s["times_s"], s["cpu_s"], s["world"]
     lines = ["(MB/rank counts every byte handed to the transport, this rank's own block included; "
              "'vs min' is that total over the routing's minimum)",
              f"flexep bench: world {c['world']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
              f"top-{c['topk']} of {c['experts']} experts, {'FP8' if c['fp8'] else 'BF16'} dispatch, "
              f"BF16 combine, ranks/node {c['ranks_per_node'] or c['world']}",
-             f"{'phase':<34}{'time ms':>9}{'GB/s/rank':>11}{'MB/rank':>9}{'vs min':>8}{'inter MB':>10}",
-             "-" * 81]
+             f"{'phase':<34}{'time ms':>9}{'cpu ms':>8}{'GB/s/rank':>11}{'MB/rank':>9}{'vs min':>8}"
+             f"{'inter MB':>10}",
+             "-" * 89]
 
-    def line(name, secs, nbytes, ratio="", inter=None):
+    def line(name, keys, nbytes, ratio="", inter=None):
+        secs, cpu_s = sum(t[k] for k in keys), sum(cpu[k] for k in keys)
         gbps = nbytes / secs / 1e9 if secs and nbytes else 0.0
         inter_s = f"{inter / 1e6:.2f}" if inter is not None else ""
-        lines.append(f"{name:<34}{secs * 1e3:>9.2f}{gbps:>11.3f}{nbytes / 1e6:>9.2f}{ratio:>8}{inter_s:>10}")
+        lines.append(f"{name:<34}{secs * 1e3:>9.2f}{cpu_s * 1e3:>8.1f}{gbps:>11.3f}{nbytes / 1e6:>9.2f}"
+                     f"{ratio:>8}{inter_s:>10}")
 
-    line("layout", t["layout"], 0)
+    line("layout", ["layout"], 0)
     links = ("local", "intra", "inter")
     for v in s["variants"]:
         for op in ("dispatch", "combine"):
             sent = sum(v[f"{op}_{k}_bytes"] for k in links)
             low = sum(v[f"{op}_{k}_min"] for k in links)
-            line(f"{op} ({v['name']})", v[f"{op}_s"], sent // world, _ratio(sent, low),
+            line(f"{op} ({v['name']})", [f"{v['name']} {op}"], sent // world, _ratio(sent, low),
                  v[f"{op}_inter_bytes"] / world)
     main = s["variants"][0]
-    line(f"dispatch+combine ({main['name']})", main["dispatch_s"] + main["combine_s"],
+    line(f"dispatch+combine ({main['name']})", [f"{main['name']} dispatch", f"{main['name']} combine"],
          sum(main[f"{op}_{k}_bytes"] for op in ("dispatch", "combine") for k in links) // world)
-    line("raw all_to_all_single, flat bytes", t["raw_dispatch"] + t["raw_combine"],
+    line("raw all_to_all_single, flat bytes", ["raw_dispatch", "raw_combine"], s["raw_bytes_per_rank"])
+    line("  same, into reused buffers (floor)", ["floor_dispatch", "floor_combine"],
          s["raw_bytes_per_rank"])
-    line("  same, into reused buffers (floor)", t["floor_dispatch"] + t["floor_combine"],
-         s["raw_bytes_per_rank"])
-    line("naive per-(token,expert) a2a", t["naive"], 2 * s["naive_bytes_per_rank"])
+    line("naive per-(token,expert) a2a", ["naive"], 2 * s["naive_bytes_per_rank"])
     lines.append(f"dispatch+combine ({main['name']}) / raw all_to_all: {s['ratio_vs_raw']:.2f}x "
-                 f"(/ floor {s['ratio_vs_floor']:.2f}x);  / naive per-(token,expert): "
-                 f"{s['ratio_vs_naive']:.2f}x")
+                 f"(/ floor {s['ratio_vs_floor']:.2f}x; CPU time {s['cpu_ratio_vs_raw']:.2f}x);  "
+                 f"/ naive per-(token,expert): {s['ratio_vs_naive']:.2f}x")
     flat = [v for v in s["variants"] if not v["hierarchical"]]
     hier = [v for v in s["variants"] if v["hierarchical"]]
     if flat and hier:
