@@ -190,10 +190,12 @@ class Transport:
             for c, g in enumerate(channels):
                 lo, hi = _chunk(recv_counts[i], num, c)
                 if hi > lo:
-                    works.append(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g, group_src=i))
+                    works.append(_PointToPoint(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g,
+                                                          group_src=i)))
                 lo, hi = _chunk(send_counts[i], num, c)
                 if hi > lo:
-                    works.append(dist.isend(s[s_off[i] + lo:s_off[i] + hi], group=g, group_dst=i))
+                    works.append(_PointToPoint(dist.isend(s[s_off[i] + lo:s_off[i] + hi], group=g,
+                                                          group_dst=i)))
         return works
 
     # ---- failure handling -----------------------------------------------------------------
@@ -227,16 +229,21 @@ class Transport:
 
         An exchange need not connect a rank to the victim (a node or rail subgroup of the
         hierarchical exchange, a ring collective), so a rank whose partners are alive would only
-        notice a dead peer at its own deadline, long after the ranks next to the victim. On Gloo the wait is therefore cut into slices; once a wait has
-        lasted one slice, a watcher thread polls the store for a failure another rank posted
-        (the store is never touched on this thread: a frozen store host must not block it).
+        notice a dead peer at its own deadline, long after the ranks next to the victim. On Gloo
+        the wait is therefore cut into slices; once a wait has lasted one slice, a watcher thread
+        polls the store for a failure another rank posted (the store is never touched on this
+        thread: a frozen store host must not block it). Point-to-point operations (channels) get
+        one wait with the time left: when a timed Gloo send/recv wait expires, Gloo tears down
+        every connection of the group, so a slice would turn a slow transfer into a failure.
         Other backends get one wait with the time left (a timed-out NCCL wait may abort).
         """
+        p2p = isinstance(work, _PointToPoint)
+        work = work.work if p2p else work
         while True:
             left = self.remaining()
             if left <= 0:
                 raise TimeoutError("deadline passed before the wait started")
-            sliced = self._sliced and left > _SLICE
+            sliced = self._sliced and not p2p and left > _SLICE
             try:
                 work.wait(timeout=timedelta(seconds=_SLICE if sliced else left))
                 return watcher
@@ -312,6 +319,15 @@ class Transport:
                 time.sleep(0.05)
         except Exception as exc:  # noqa: BLE001 - the store died with its host process
             result["store_error"] = exc
+
+
+class _PointToPoint:
+    """Marks an isend/irecv work, which :meth:`Transport._wait_one` must not wait on in slices."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work) -> None:
+        self.work = work
 
 
 _SLICE = 0.25  # seconds a Gloo wait runs before the failure watcher starts / is consulted

@@ -90,7 +90,7 @@ class Fault:
 
     Actions: ``exit`` (``os._exit``), ``kill`` (SIGKILL self), ``stop`` (SIGSTOP self, after
     posting its pid in the store so a survivor can kill it), ``sleep`` (then ``os._exit``).
-    ``slow`` ranks sleep ``slow_s`` before every header (in time, D1).
+    ``slow`` ranks sleep ``slow_s`` before every ``slow_phase`` (default the header; in time, D1).
     """
 
     def __init__(self, rank: int, spec: dict) -> None:
@@ -100,7 +100,7 @@ class Fault:
         if not self.armed:
             return
         spec = self.spec
-        if self.rank in spec.get("slow", ()) and phase == "before_header":
+        if self.rank in spec.get("slow", ()) and phase == spec.get("slow_phase", "before_header"):
             time.sleep(spec["slow_s"])
         if self.rank not in spec.get("victims", ()) or phase != spec.get("phase"):
             return
@@ -129,7 +129,8 @@ def _fault_round(rank: int, world: int, spec: dict) -> dict:
     """Rounds of dispatch + combine on a short-timeout Buffer with the fault hook armed."""
     hook = Fault(rank, spec)
     buf = Buffer(dist.group.WORLD, timeout=spec.get("timeout", T_FAULT), explicitly_destroy=True,
-                 ranks_per_node=spec.get("ranks_per_node"), _fault_hook=hook)
+                 ranks_per_node=spec.get("ranks_per_node"), num_channels=spec.get("channels", 1),
+                 _fault_hook=hook)
     hook.armed = True
     rep = dict(rank=rank, rounds_ok=0)
     for i in range(spec.get("rounds", 2)):
@@ -311,11 +312,16 @@ def _stall_worker(rank: int, world: int, spec: dict) -> dict:
     hier["1_again"] = _deterministic_outputs(rank, world, 1, ranks_per_node=2)
     slow = dict(slow=[2], slow_s=spec["slow_s"], victims=[], timeout=spec["slow_timeout"], rounds=2)
     slow_rep = _fault_round(rank, world, slow)
+    # Channels move the payload point to point; the peers of a rank that is late to the payload
+    # wait on those transfers past the failure watcher's slice (a timed Gloo send/recv wait that
+    # expires would tear the group down).
+    slow_p2p = dict(slow, slow_phase="before_payload", channels=2)
+    slow_p2p_rep = _fault_round(rank, world, slow_p2p)
     stall = dict(victims=[2], phase="before_payload", action="stop")
     rep = _fault_round(rank, world, stall)  # rank 2 freezes inside and never returns
     if rank == 0:
         _kill_stopped([2])
-    return dict(digests=digests, hier=hier, slow=slow_rep, stall=rep)
+    return dict(digests=digests, hier=hier, slow=slow_rep, slow_p2p=slow_p2p_rep, stall=rep)
 
 
 @pytest.fixture(scope="module")
@@ -336,11 +342,13 @@ def test_determinism_across_runs_and_channels(stall_run):
 
 @pytest.mark.timeout(150)
 def test_slow_rank_within_timeout_succeeds(stall_run):
-    """D1: rank 2 sleeps half the timeout before every call; every call is exact, none times out."""
+    """D1: rank 2 sleeps 1 s (timeout 2.5 s) before every header, then before every payload of a
+    2-channel (point-to-point) Buffer; every call is exact, none times out."""
     for rank in (0, 1, 3):
-        slow = stall_run[rank]["slow"]
-        assert "failure" not in slow, slow
-        assert slow["rounds_ok"] == 2, slow
+        for case in ("slow", "slow_p2p"):
+            slow = stall_run[rank][case]
+            assert "failure" not in slow, (case, slow)
+            assert slow["rounds_ok"] == 2, (case, slow)
 
 
 @pytest.mark.timeout(150)
