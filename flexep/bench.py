@@ -348,9 +348,13 @@ def plot(s: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark on local Gloo ranks (or the torchrun ranks) and summarise it."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+    if _under_torchrun():
         init_from_env()
         rank, world = dist.get_rank(), dist.get_world_size()
         cfg = replace(cfg, world=world)
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
                               num_topk=a.topk, num_experts=a.experts, json_path=a.json)
         return 0
     summary = run_bench(config_from_args(a))
-    if dist.is_initialized():  # torchrun: rank 0 reports, everyone leaves the group cleanly
+    if _under_torchrun():  # rank 0 reports, everyone leaves the group cleanly
         is_reporter = dist.get_rank() == 0
         dist.destroy_process_group()
         if not is_reporter:

@@ -382,10 +382,7 @@ class Buffer:
             self._config(config, self.get_dispatch_config)
         except (TypeError, ValueError) as exc:
             error = exc
-        _raise_unchecked(self.check_consistency, error)
-        if self.check_consistency:
-            header_round(tp, "cached_dispatch", error=error, check=self.check_consistency,
-                         **({} if error else self._agree(data, scales, -2, None)))
+        self._agreement_round(tp, "cached_dispatch", error, lambda: self._agree(data, scales, -2, None))
         recv_x, recv_scales = self._normal_algorithm().cached_dispatch(tp, data, scales, handle)
         self._fill_minimum(handle, _row_bytes(data, scales, None), cached=True)
         out = recv_x if scales is None else (recv_x, recv_scales)
@@ -432,11 +429,8 @@ class Buffer:
             self._config(config, self.get_combine_config)
         except (TypeError, ValueError) as exc:
             error = exc
-        _raise_unchecked(self.check_consistency, error)
-        if self.check_consistency:
-            header_round(tp, "combine", error=error, check=self.check_consistency,
-                         **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
-                                                  has_weights=int(topk_weights is not None))))
+        self._agreement_round(tp, "combine", error, lambda: dict(
+            hidden=x.size(1), x_dtype=dtype_code(x.dtype), has_weights=int(topk_weights is not None)))
         out, w = self._normal_algorithm().combine(tp, x, handle, topk_weights, biases)
         self._fill_minimum(handle, _row_bytes(x, None, topk_weights), reverse=True)
         return out, w, self._event(async_finish, [out])
@@ -563,14 +557,11 @@ class Buffer:
                                     use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
         except (TypeError, ValueError) as exc:
             error = exc
-        _raise_unchecked(self.check_consistency, error)
-        if self.check_consistency:
-            mode = int(bool(use_fp8)) | int(bool(round_scale)) << 1 | int(bool(use_ue8m0)) << 2
-            header_round(tp, "ll_dispatch", error=error, check=self.check_consistency,
-                         **({} if error else dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
-                                                  num_experts=num_experts, num_topk=topk_idx.size(1),
-                                                  capacity=num_max_dispatch_tokens_per_rank, mode=mode,
-                                                  num_tokens=x.size(0))))
+        mode = int(bool(use_fp8)) | int(bool(round_scale)) << 1 | int(bool(use_ue8m0)) << 2
+        self._agreement_round(tp, "ll_dispatch", error, lambda: dict(
+            hidden=x.size(1), x_dtype=dtype_code(x.dtype), num_experts=num_experts,
+            num_topk=topk_idx.size(1), capacity=num_max_dispatch_tokens_per_rank, mode=mode,
+            num_tokens=x.size(0)))
         stats = cumulative_local_expert_recv_stats
         on_done = None if stats is None else (lambda out: stats.add_(out.recv_count.to(stats.dtype)))
         pending, index = low_latency.dispatch_send(tp, x, topk_idx, num_max_dispatch_tokens_per_rank,
@@ -622,14 +613,10 @@ class Buffer:
                                             combine_wait_recv_cost_stats)
         except (TypeError, ValueError) as exc:
             error = exc
-        _raise_unchecked(self.check_consistency, error)
-        if self.check_consistency:
-            header_round(tp, "ll_combine", error=error, check=self.check_consistency,
-                         **({} if error else dict(hidden=handle.hidden, x_dtype=dtype_code(x.dtype),
-                                                  num_experts=handle.num_experts,
-                                                  num_topk=topk_idx.size(1),
-                                                  capacity=handle.num_max_dispatch_tokens_per_rank,
-                                                  num_tokens=handle.num_tokens)))
+        self._agreement_round(tp, "ll_combine", error, lambda: dict(
+            hidden=handle.hidden, x_dtype=dtype_code(x.dtype), num_experts=handle.num_experts,
+            num_topk=topk_idx.size(1), capacity=handle.num_max_dispatch_tokens_per_rank,
+            num_tokens=handle.num_tokens))
         if out is None:
             out = torch.empty(handle.num_tokens, handle.hidden, dtype=x.dtype, device=x.device)
         pending = low_latency.combine_send(tp, source, topk_weights, handle, out)
@@ -780,6 +767,21 @@ class Buffer:
                     num_experts=num_experts,
                     num_topk=topk_idx.size(1) if topk_idx is not None else -1)
 
+    def _agreement_round(self, tp: Transport, op: str, error: Optional[BaseException],
+                         values: Callable[[], dict]) -> None:
+        """The header round of a call that needs no counts, if ``check_consistency`` is on.
+
+        ``values()`` gives the fields that must agree (only called without a local ``error``).
+        Without the round a local input error is raised here, on this rank only: a header round
+        run by this rank alone would meet a peer's payload exchange (mismatched collectives can
+        abort Gloo); the peers then time out naming this rank.
+        """
+        if not self.check_consistency:
+            if error is not None:
+                raise error
+            return
+        header_round(tp, op, error=error, check=True, **({} if error else values()))
+
     def _normal_algorithm(self):
         return hierarchical if self.hierarchical else normal
 
@@ -801,14 +803,6 @@ def _resolve_timeout(timeout) -> float:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
-
-
-def _raise_unchecked(check: bool, error: Optional[BaseException]) -> None:
-    """Without the agreement round (``check_consistency=False``) raise a local input error here,
-    on this rank only: a header round run by this rank alone would meet a peer's payload exchange
-    (mismatched collectives can abort Gloo). The peers then time out naming this rank."""
-    if error is not None and not check:
-        raise error
 
 
 def _check_worst_tokens(tp: Transport, header) -> None:

@@ -3,6 +3,8 @@ bytes that match the routing's minimum."""
 
 import json
 
+import torch.distributed as dist
+
 from flexep.bench import BenchConfig, format_table, main, run_bench
 
 LINKS = ("local", "intra", "inter")
@@ -12,13 +14,14 @@ def _bytes(variant, op, field):
     return sum(variant[f"{op}_{link}_{field}"] for link in LINKS)
 
 
-def test_cli_prints_table_and_writes_json(tmp_path, capsys):
+def test_cli_prints_table_and_writes_json(tmp_path, capsys, gloo_world1):
+    # An initialised default group in the calling process (here the fixture's) must survive.
     path = tmp_path / "bench.json"
     assert main(["--world", "2", "--tokens", "16", "--hidden", "256", "--experts", "8", "--topk", "4",
                  "--iters", "2", "--warmup", "0", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    for row in ("dispatch (flat c1)", "combine (flat c1)", "raw all_to_all_single", "naive per-(token,expert)",
-                "CPU time"):
+    for row in ("dispatch (flat c1)", "combine (flat c1)", "raw all_to_all_single",
+                "naive per-(token,expert)", "CPU time"):
         assert row in out, row
     summary = json.loads(path.read_text())
     (variant,) = summary["variants"]
@@ -26,6 +29,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
         assert _bytes(variant, op, "bytes") == _bytes(variant, op, "min") > 0
         assert summary["times_s"][f"flat c1 {op}"] > 0 and summary["cpu_s"][f"flat c1 {op}"] >= 0
     assert summary["ratio_vs_raw"] > 0 and summary["ratio_vs_naive"] > 0
+    assert dist.is_initialized() and dist.group.WORLD is gloo_world1
 
 
 def test_hierarchical_variants_send_fewer_inter_node_bytes():
