@@ -4,7 +4,7 @@ A fresh large tensor is not free on the host: the kernel hands out new pages and
 first touch, which for a 50 MB send buffer costs more than filling it (measured 32 ms to gather
 into a fresh tensor, 3.6 ms into a reused one). Accelerator caching allocators avoid this, and
 DeepEP preallocates its buffers for the same reason. flexep keeps one growing byte buffer per
-internal role (send rows, returned rows, accumulators) and hands out views of it.
+internal role (send rows, returned rows, reduction tiles) and hands out views of it.
 
 Only tensors that never leave a call live here; everything returned to the caller is freshly
 allocated, so results stay valid across later calls.
@@ -37,9 +37,6 @@ class Workspace:
             buf = torch.empty(max(nbytes + nbytes // 8, 64), dtype=torch.uint8, device=device)
             self._buffers[name] = buf
         return buf[:nbytes].view(dtype).view(shape)
-
-    def zeros(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return self.get(name, shape, dtype, device).zero_()
 
     @property
     def nbytes(self) -> int:
