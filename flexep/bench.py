@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ._objects import all_gather_object
 from .buffer import Buffer
 from .launch import init_from_env, run_local
 
@@ -188,8 +189,7 @@ def _raw_buffers(cfg: BenchConfig, is_token_in_rank: torch.Tensor, rank: int, wo
     so it times the transport alone.
     """
     send_counts = is_token_in_rank.sum(0).tolist()
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, send_counts)
+    gathered = all_gather_object(None, send_counts)
     recv_counts = [gathered[s][rank] for s in range(world)]
     row = cfg.hidden * (1 if cfg.fp8 else 2) + _meta_bytes(cfg)
     back_row = cfg.hidden * 2
@@ -359,8 +359,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         rank, world = dist.get_rank(), dist.get_world_size()
         cfg = replace(cfg, world=world)
         mine = _bench_worker(rank, world, cfg)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
+        gathered = all_gather_object(None, mine)
         dist.barrier()
         return _summarise(cfg, gathered)
     per_rank = run_local(_bench_worker, cfg.world, (cfg,), timeout=3600)

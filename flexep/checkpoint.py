@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ._objects import all_gather_object
 from .moe import MoELayer
 
 __all__ = ["save", "load", "consolidate", "local_state_dict"]
@@ -86,8 +87,7 @@ def save(module: torch.nn.Module, path: str, group: Optional[dist.ProcessGroup] 
     replicated, experts = local_state_dict(module, rank)
     shard = f"experts-{rank:05d}-of-{world:05d}.pt"
     torch.save(experts, os.path.join(path, shard))
-    keys: list = [None] * world
-    dist.all_gather_object(keys, (shard, sorted(experts)), group=group)
+    keys = all_gather_object(group, (shard, sorted(experts)))
     if rank == 0:
         torch.save(replicated, os.path.join(path, "replicated.pt"))
         weight_map = {k: "replicated.pt" for k in sorted(replicated)}

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ._objects import all_gather_object
+
 __all__ = ["Topology", "resolve_ranks_per_node", "build_topology_groups", "TopologyGroups"]
 
 
@@ -80,8 +82,7 @@ def resolve_ranks_per_node(group: dist.ProcessGroup, ranks_per_node: Optional[in
     if world == 1:
         return 1
     local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-    names: list = [None] * world
-    dist.all_gather_object(names, (socket.gethostname(), local_ws), group=group)
+    names = all_gather_object(group, (socket.gethostname(), local_ws))
     hosts = [h for h, _ in names]
     local_sizes = {lw for _, lw in names}
     if len(local_sizes) == 1 and 0 < local_ws <= world and world % local_ws == 0:

@@ -275,7 +275,7 @@ def _digest(*tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
         if t is not None:
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(bytes(t.contiguous().view(torch.uint8).flatten().tolist()))
     return h.hexdigest()
 
 
