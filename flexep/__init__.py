@@ -3,6 +3,13 @@
 ``import flexep as deep_ep`` gives DeepEP V1's ``Buffer`` API on NCCL, HCCL or Gloo.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # The CPU wheel of torch warns at import that NumPy is missing; flexep does not use NumPy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401
+
 from . import autograd, checkpoint, eplb, moe, utils
 from .buffer import Buffer, topk_idx_t
 from .config import Config

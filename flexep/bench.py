@@ -381,11 +381,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 with per-128 scales")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (256 tokens/rank, hidden 2048, 2 iterations): checks the set-up")
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
                    help="normal (default) or low-latency (decode: 128 tokens/rank by default)")
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    if a.quick:
+        a.tokens, a.hidden, a.iters, a.warmup = 256, 2048, 2, 1
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
                        hierarchical=not a.flat, fp8=a.fp8,
