@@ -1,6 +1,11 @@
 """flexep: expert-parallel MoE token exchange on any torch.distributed backend.
 
-``import flexep as deep_ep`` gives DeepEP V1's ``Buffer`` API on NCCL, HCCL or Gloo.
+``import flexep as deep_ep`` gives DeepEP's V1 ``Buffer`` API on NCCL, HCCL, XCCL or Gloo;
+:mod:`flexep.core` is the clean core API underneath (frozen requests and results).
+
+Layers (top to bottom): faces (:mod:`flexep.deepep`, :mod:`flexep.autograd`, :mod:`flexep.moe`)
+-> core (:mod:`flexep.core`) -> algorithms (:mod:`flexep.algorithms`) -> communication
+(:mod:`flexep.comm`) -> devices (:mod:`flexep.device`). ``docs/design.md`` walks through them.
 """
 
 import warnings
@@ -11,8 +16,12 @@ with warnings.catch_warnings():
     import torch  # noqa: F401
 
 from . import autograd, checkpoint, eplb, moe, utils
-from .buffer import Buffer, topk_idx_t
+from .algorithms.contract import LowLatencyHandle, NormalHandle
+from .comm.accounting import TrafficStats
+from .comm.topology import Topology
 from .config import Config
+from .core import Communicator, Options
+from .deepep.buffer import Buffer, topk_idx_t
 from .errors import (
     BrokenCommunicatorError,
     CapacityError,
@@ -24,16 +33,12 @@ from .errors import (
     RemoteInputError,
 )
 from .event import EventHandle, EventOverlap
-from .low_latency import LowLatencyHandle
-from .normal import NormalHandle
-from .topology import Topology
-from .transport import TrafficStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "LowLatencyHandle", "Topology",
-    "TrafficStats", "topk_idx_t", "autograd", "checkpoint", "eplb", "moe", "utils",
-    "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
+    "TrafficStats", "topk_idx_t", "Communicator", "Options", "autograd", "checkpoint", "eplb", "moe",
+    "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
     "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError", "__version__",
 ]

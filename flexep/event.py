@@ -1,41 +1,59 @@
-"""Events for stream-ordered overlap, device-neutral.
+"""Events and the communication stream, device-neutral (DeepEP's ``EventOverlap`` semantics).
 
-DeepEP records CUDA events on its communication stream. flexep resolves the device module
-(``torch.cuda``, ``torch.npu``, ...) from the tensor's device; on CPU every call has completed
-when it returns, so the event is an already-completed marker and waiting on it is free.
+On an accelerator with streams (CUDA, Ascend NPU, XPU) a call made with DeepEP's stream
+arguments runs on the caller's communication stream:
+
+* the communication stream first waits for ``previous_event`` if given, else for the current
+  (compute) stream, so the inputs are ready;
+* with ``async_finish=True`` the call returns an :class:`EventOverlap` recorded on the
+  communication stream; the compute stream is *not* made to wait, and the event keeps the
+  input and output tensors alive until it is waited (``event.current_stream_wait()``);
+* otherwise the compute stream waits for the communication stream before the call returns.
+
+Outputs are allocated on the communication stream and recorded on the compute stream (and
+inputs on the communication stream), so the caching allocator never reuses their memory early,
+whatever ``allocate_on_comm_stream`` says.
+
+On devices without streams (the CPU, or an emulated device in tests) every call has finished
+when it returns: events are already-completed markers and waiting on them is free.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import contextlib
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["EventHandle", "EventOverlap"]
+from .device import current_stream, device_module, new_stream
 
-
-def _device_module(device: Optional[torch.device]) -> Any:
-    """``torch.cuda``/``torch.npu``/... for an accelerator device, ``None`` for CPU."""
-    if device is None or device.type == "cpu":
-        return None
-    return getattr(torch, device.type, None)
+__all__ = ["EventHandle", "EventOverlap", "CommStreams", "StreamCall"]
 
 
 class EventHandle:
-    """An event recorded on the current stream of ``device`` at construction (no-op on CPU)."""
+    """An event recorded on the current stream of ``device`` at construction (no-op on CPU).
 
-    def __init__(self, device: Optional[torch.device] = None) -> None:
-        mod = _device_module(device)
-        self._event = None
-        if mod is not None and hasattr(mod, "Event"):
+    ``device=None`` uses this process's current accelerator when it has streams.
+    """
+
+    def __init__(self, device: Optional[torch.device] = None, stream=None) -> None:
+        if device is None:
+            device = _current_accelerator()
+        mod = device_module(device)
+        self._event, self._mod, self.device = None, mod, device
+        if mod is not None:
             self._event = mod.Event()
-            self._event.record(mod.current_stream())
-        self._mod = mod
+            self._event.record(stream if stream is not None else mod.current_stream(device))
 
     def current_stream_wait(self) -> None:
-        """Make the current stream wait for this event (returns at once on CPU)."""
+        """Make the current stream wait for this event (returns at once without streams)."""
         if self._event is not None:
-            self._mod.current_stream().wait_event(self._event)
+            self._mod.current_stream(self.device).wait_event(self._event)
+
+    def stream_wait(self, stream) -> None:
+        """Make ``stream`` wait for this event."""
+        if self._event is not None and stream is not None:
+            stream.wait_event(self._event)
 
 
 class EventOverlap:
@@ -62,3 +80,87 @@ class EventOverlap:
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
         if self.event is not None:
             self.event.current_stream_wait()
+
+
+def _current_accelerator() -> Optional[torch.device]:
+    acc = getattr(torch, "accelerator", None)
+    try:
+        if acc is not None and acc.is_available():
+            return acc.current_accelerator()
+    except Exception:  # noqa: BLE001 - no usable accelerator runtime
+        return None
+    return None
+
+
+class CommStreams:
+    """One communication stream per device, created on first use (one per face object)."""
+
+    def __init__(self) -> None:
+        self._streams: dict = {}
+
+    def get(self, device: Optional[torch.device]):
+        if device is None or device_module(device) is None:
+            return None
+        if device not in self._streams:
+            self._streams[device] = new_stream(device)
+        return self._streams[device]
+
+    def call(self, device: Optional[torch.device], previous_event: Optional[EventOverlap] = None,
+             async_finish: bool = False) -> StreamCall:
+        """A context for one call on ``device``'s communication stream (see :class:`StreamCall`)."""
+        return StreamCall(device, self.get(device), previous_event, async_finish)
+
+
+class StreamCall:
+    """One call on the communication stream, with DeepEP's ordering (module docstring).
+
+    Use as ``with streams.call(device, previous_event, async_finish) as call: ...;
+    call.keep(tensors...)``; after the block ``call.event`` is the :class:`EventOverlap` to return.
+    """
+
+    def __init__(self, device: Optional[torch.device], stream, previous_event: Optional[EventOverlap],
+                 async_finish: bool) -> None:
+        self.device, self.stream, self.async_finish = device, stream, async_finish
+        self.previous_event = previous_event
+        self.event: Optional[EventOverlap] = None
+        self._held: list = []
+        self._scope = contextlib.nullcontext()
+        self._compute = None
+
+    def keep(self, *items) -> None:
+        """Tensors (or tuples of tensors, or None) the call reads or returns."""
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                self._held.append(item)
+            elif isinstance(item, (tuple, list)):
+                self.keep(*item)
+
+    def __enter__(self) -> StreamCall:
+        if self.stream is not None:
+            self._compute = current_stream(self.device)
+            prev = self.previous_event
+            if prev is not None and prev.event is not None:
+                prev.event.stream_wait(self.stream)
+            else:
+                self.stream.wait_stream(self._compute)
+            self._scope = device_module(self.device).stream(self.stream)
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._scope.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return
+        held = tuple(self._held)
+        if self.stream is None:
+            self.event = EventOverlap(EventHandle(self.device) if self.async_finish else None,
+                                      held if self.async_finish else None)
+            return
+        for t in held:
+            t.record_stream(self.stream)
+            t.record_stream(self._compute)
+        if self.async_finish:
+            self.event = EventOverlap(EventHandle(self.device, self.stream), held)
+        else:
+            self._compute.wait_stream(self.stream)
+            self.event = EventOverlap(None)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .device import backend_for, default_device
+
 __all__ = ["run_local", "free_port", "init_from_env", "WorkerError"]
 
 
@@ -151,9 +153,17 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, t
     return slots
 
 
-def init_from_env(backend: Optional[str] = None) -> None:
-    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...)."""
+def init_from_env(backend: Optional[str] = None) -> torch.device:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
+
+    The backend follows this process's device (:func:`flexep.device.default_device`): ``nccl``
+    on CUDA, ``hccl`` on Ascend, ``xccl`` on Intel GPUs, ``gloo`` on CPU; the accelerator is
+    ``LOCAL_RANK``-th of the node's and becomes the current one. Returns that device.
+    """
+    device = default_device()
+    if device.type != "cpu":
+        mod = getattr(torch, device.type)
+        mod.set_device(device)
     if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend or backend_for(device.type))
+    return device

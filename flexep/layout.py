@@ -23,7 +23,6 @@ __all__ = [
     "DispatchLayout",
     "compute_layout",
     "rank_of_expert",
-    "send_order",
     "to_local_expert_ids",
     "aligned_expert_counts",
 ]
@@ -96,15 +95,6 @@ def compute_layout(
         num_tokens_per_expert=num_tokens_per_expert,
         is_token_in_rank=is_token_in_rank,
     )
-
-
-def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
-    """Token indices to gather for sending, grouped by destination, ascending inside a group.
-
-    ``is_token_in_rank: [T, W] bool`` -> ``[sum(is_token_in_rank)] int64``.
-    Example: ``[[1, 0], [1, 1], [0, 1]] -> [0, 1, 1, 2]`` (rank 0 gets 0, 1; rank 1 gets 1, 2).
-    """
-    return is_token_in_rank.t().nonzero()[:, 1]
 
 
 def to_local_expert_ids(topk_idx: torch.Tensor, rank: int, num_local_experts: int) -> torch.Tensor:

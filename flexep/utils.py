@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from . import quant
-from .event import EventOverlap
+from .event import EventHandle, EventOverlap
 from .quant import pack_ue8m0, unpack_ue8m0
 
-__all__ = ["EventOverlap", "per_token_cast_to_fp8", "per_token_cast_back", "pack_ue8m0",
+__all__ = ["EventHandle", "EventOverlap", "per_token_cast_to_fp8", "per_token_cast_back", "pack_ue8m0",
            "unpack_ue8m0", "calc_diff", "hash_tensor", "align_up", "inplace_unique",
            "create_grouped_scores", "bench", "check_nvlink_connections"]
 

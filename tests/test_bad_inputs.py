@@ -359,7 +359,7 @@ WORLD2 = ["layout_num_experts_indivisible", "topk_out_of_range", "topk_duplicate
 
 def _rebound(ctx: Ctx):
     """``ctx.handle`` as if another Buffer (``ctx.other``) had produced it."""
-    return dataclasses.replace(ctx.handle, buffer_uid=ctx.other.uid)
+    return dataclasses.replace(ctx.handle, owner=ctx.other.uid)
 
 
 def pattern(case: Bad, world: int) -> str:

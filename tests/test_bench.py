@@ -5,7 +5,7 @@ import json
 
 import torch.distributed as dist
 
-from flexep.bench import BenchConfig, format_table, main, run_bench
+from flexep.cli.bench import BenchConfig, format_table, main, run_bench
 
 LINKS = ("local", "intra", "inter")
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from inputs import routing
 
-from flexep.layout import aligned_expert_counts, compute_layout, send_order, to_local_expert_ids
+from flexep.algorithms.packing import send_order
+from flexep.layout import aligned_expert_counts, compute_layout, to_local_expert_ids
 from flexep.reference import ref_layout
 
 
@@ -53,7 +54,7 @@ def test_docstring_examples():
     assert lay.num_tokens_per_rank.tolist() == [2, 1]
     assert lay.num_tokens_per_expert.tolist() == [1, 2, 0, 1]
     assert lay.is_token_in_rank.int().tolist() == [[1, 0], [1, 1], [0, 0]]
-    assert send_order(torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool)).tolist() == [0, 1, 1, 2]
+    assert send_order(torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.bool), 4).tolist() == [0, 1, 1, 2]
     assert to_local_expert_ids(torch.tensor([[2, 0, 3, -1]]), 1, 2).tolist() == [[0, -1, 1, -1]]
     assert aligned_expert_counts([0, 1, 4, 5], 4) == [0, 4, 4, 8]
 
@@ -61,6 +62,6 @@ def test_docstring_examples():
 def test_send_order_is_grouped_by_rank_then_token():
     gen = torch.Generator().manual_seed(7)
     in_rank = torch.rand(40, 4, generator=gen) < 0.5
-    order = send_order(in_rank).tolist()
+    order = send_order(in_rank, int(in_rank.sum())).tolist()
     expected = [t for r in range(4) for t in range(40) if in_rank[t, r]]
     assert order == expected

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexep
-from flexep import low_latency as ll
+from flexep.algorithms import low_latency as ll
 from flexep.errors import CapacityError, RemoteInputError
 from flexep.launch import run_local
 from flexep.quant import per_token_cast_back, per_token_cast_to_fp8
@@ -415,7 +415,7 @@ def test_low_latency_against_oracle(world):
 
 
 def test_benchmark_runs_and_checks_itself(tmp_path, capsys):
-    from flexep.bench_low_latency import run_low_latency_bench
+    from flexep.cli.bench_ll import run_low_latency_bench
 
     path = tmp_path / "bench_ll.json"
     summary = run_low_latency_bench(world_size=2, num_tokens=8, hidden=256, num_topk=4, num_experts=8,

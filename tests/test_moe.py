@@ -18,14 +18,8 @@ from groups import ep_subgroups
 import flexep
 from flexep.eplb import global_placement
 from flexep.launch import run_local
-from flexep.moe import (
-    MoEConfig,
-    MoELayer,
-    all_reduce_replicated_grads,
-    deepseek_v3_route,
-    grouped_mm,
-    grouped_mm_loop,
-)
+from flexep.moe import MoEConfig, MoELayer, all_reduce_replicated_grads, deepseek_v3_route, grouped_mm
+from flexep.moe.layer import grouped_mm_loop
 
 CFG = MoEConfig(hidden=16, intermediate=24, num_experts=8, topk=3, n_group=4, topk_group=2,
                 routed_scaling_factor=2.5, num_shared_experts=1, bias_update_speed=1e-2)

@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-import flexep.reduce as R
-from flexep.layout import send_order
-from flexep.reduce import sum_blocks
-from flexep.workspace import Workspace
+import flexep.algorithms.reduce as R
+from flexep.algorithms.packing import send_order
+from flexep.algorithms.reduce import sum_blocks
+from flexep.comm.workspace import Workspace
 
 
 def _reference(rows, index, num_tokens, bias):
@@ -23,7 +23,7 @@ def _reference(rows, index, num_tokens, bias):
 
 def _blocks(num_tokens, num_blocks, density, gen):
     mask = torch.rand(num_tokens, num_blocks, generator=gen) < density
-    return send_order(mask), mask.sum(0).tolist()
+    return send_order(mask, int(mask.sum())), mask.sum(0).tolist()
 
 
 @pytest.fixture(params=[("tiny tiles", 64, 16), ("one tile", 4 << 20, 16), ("gather fill", 64, 0)],

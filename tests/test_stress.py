@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flexep import Buffer
-from flexep.stress import Tally, _normal_iteration, draw_case, main, rank_inputs
+from flexep.cli.stress import Tally, _normal_iteration, draw_case, main, rank_inputs
 
 
 def _run(capsys, *argv: str) -> dict:

@@ -9,8 +9,8 @@ import sys
 from typing import Optional
 
 _COMMANDS = {
-    "bench": ("flexep.bench", "dispatch/combine benchmark on local Gloo ranks (or torchrun)"),
-    "stress": ("flexep.stress", "randomised soak with verification, reports mismatches"),
+    "bench": ("flexep.cli.bench", "dispatch/combine benchmark on local Gloo ranks (or torchrun)"),
+    "stress": ("flexep.cli.stress", "randomised soak with verification, reports mismatches"),
     "plan": ("flexep.planner.cli", "predict dispatch/combine time on a described cluster"),
 }
 

@@ -27,10 +27,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .buffer import Buffer
-from .launch import run_local
-from .quant import per_token_cast_to_fp8
-from .utils import calc_diff
+from ..buffer import Buffer
+from ..launch import run_local
+from ..quant import per_token_cast_to_fp8
+from ..utils import calc_diff
 
 __all__ = ["run_low_latency_bench", "format_table", "main"]
 

@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._objects import all_gather_object
-from .buffer import Buffer
-from .launch import init_from_env, run_local
+from ..buffer import Buffer
+from ..comm.objects import all_gather_object
+from ..launch import init_from_env, run_local
 
 __all__ = ["BenchConfig", "run_bench", "main", "format_table"]
 
@@ -118,7 +118,7 @@ def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
     x, topk_idx, topk_w = _routing(cfg, rank)
     x_in = x
     if cfg.fp8:
-        from .quant import per_token_cast_to_fp8
+        from ..quant import per_token_cast_to_fp8
         x_in = per_token_cast_to_fp8(x.float())
 
     def dispatch(buf, lay):
@@ -209,7 +209,7 @@ def _plain(x):
 
 
 def _dequant(x):
-    from .quant import per_token_cast_back
+    from ..quant import per_token_cast_back
     return per_token_cast_back(*x).to(torch.bfloat16)
 
 
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     add_args(p)
     a = p.parse_args(argv)
     if a.mode == "low-latency":
-        from .bench_low_latency import run_low_latency_bench
+        from .bench_ll import run_low_latency_bench
         tokens = a.tokens if "--tokens" in (argv or sys.argv) else 128
         run_low_latency_bench(world_size=a.world, num_tokens=tokens, hidden=a.hidden,
                               num_topk=a.topk, num_experts=a.experts, json_path=a.json)

@@ -43,10 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import autograd
-from .buffer import Buffer
+from .. import autograd
+from ..deepep.buffer import Buffer
+from ..quant import per_token_cast_back
 from .eplb import Placement
-from .quant import per_token_cast_back
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads"]

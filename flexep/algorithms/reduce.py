@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .workspace import Workspace
+from ..comm.workspace import Workspace
 
 __all__ = ["sum_blocks", "accumulator_dtype"]
 
@@ -69,11 +69,14 @@ def _bags(index: torch.Tensor, num_tokens: int, num_bias: int) -> tuple[torch.Te
     """Token ``t``'s bag is ``bags[offsets[t]:offsets[t + 1]]``: ``nb`` bias placeholders
     (``-1 - b`` for bias ``b``), then the ids of its rows in block order. ``offsets: [T + 1]``.
     """
-    sizes = torch.bincount(index, minlength=num_tokens) + num_bias
-    offsets = torch.zeros(num_tokens + 1, dtype=torch.int64, device=index.device)
+    device = index.device
+    # A scatter-add of ones, not bincount: bincount's output size depends on the data.
+    sizes = torch.full((num_tokens,), num_bias, dtype=torch.int64, device=device)
+    sizes.index_add_(0, index, torch.ones_like(index))
+    offsets = torch.zeros(num_tokens + 1, dtype=torch.int64, device=device)
     torch.cumsum(sizes, 0, out=offsets[1:])
     perm = torch.argsort(index, stable=True)  # rows grouped by token, block order inside
-    bags = torch.empty(int(offsets[-1]), dtype=torch.int64, device=index.device)
+    bags = torch.empty(index.numel() + num_bias * num_tokens, dtype=torch.int64, device=device)
     # The q-th row in perm order (token t, j-th of t) sits after t's bias slots and the bags of
     # tokens before t, i.e. at q + nb * (t + 1).
     bags[torch.arange(perm.numel(), device=index.device) + num_bias * (index[perm] + 1)] = perm
@@ -90,7 +93,7 @@ def _sum_direct(rows: torch.Tensor, bags: torch.Tensor, offsets: torch.Tensor, n
         weight = torch.cat([rows, *bias])
         # Placeholder -1 - b becomes row R + b*T + t of the concatenation.
         token = torch.repeat_interleave(torch.arange(num_tokens, device=bags.device),
-                                        offsets[1:] - offsets[:-1])
+                                        offsets[1:] - offsets[:-1], output_size=bags.numel())
         ids = torch.where(bags >= 0, bags, rows.size(0) + (-1 - bags) * num_tokens + token)
     return F.embedding_bag(ids, weight, offsets[:-1], mode="sum")
 

@@ -110,7 +110,7 @@ def rank_inputs(case: Case, seed: int, it: int, rank: int):
     if case.mode == "ll":
         return base.bfloat16(), idx.contiguous(), weights
     if case.kind == "fp8":
-        from .quant import per_token_cast_to_fp8
+        from ..quant import per_token_cast_to_fp8
         return per_token_cast_to_fp8(base), idx.contiguous(), weights
     return base.to(FLOATS[case.kind]), idx.contiguous(), weights
 
@@ -149,7 +149,7 @@ def _rows_bytes(x) -> torch.Tensor:
 def _as_float(x) -> torch.Tensor:
     """Expert input for combine: the rows themselves, or FP8 rows dequantised to bf16."""
     if isinstance(x, tuple):
-        from .quant import per_token_cast_back
+        from ..quant import per_token_cast_back
         return per_token_cast_back(*x).bfloat16()
     return x
 
@@ -160,8 +160,8 @@ def _sent_bytes(buf) -> int:
 
 def _normal_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> list[str]:
     """One normal-mode round; returns the mismatches found."""
-    from .layout import aligned_expert_counts
-    from .reference import ref_dispatch
+    from ..layout import aligned_expert_counts
+    from ..reference import ref_dispatch
 
     x, idx, w = everyone[rank]
     problems: list[str] = []
@@ -202,9 +202,9 @@ def _normal_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) 
 
 def _ll_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> list[str]:
     """One low-latency round; returns the mismatches found."""
-    from .quant import per_token_cast_back, per_token_cast_to_fp8
-    from .reference import ref_ll_dispatch
-    from .utils import calc_diff
+    from ..quant import per_token_cast_back, per_token_cast_to_fp8
+    from ..reference import ref_ll_dispatch
+    from ..utils import calc_diff
 
     x, idx, w = everyone[rank]
     use_fp8 = case.kind == "fp8"
@@ -245,8 +245,8 @@ def _ll_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> l
 def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
     import torch.distributed as dist
 
-    from .buffer import Buffer
-    from .errors import ConservationError
+    from ..buffer import Buffer
+    from ..errors import ConservationError
 
     group = dist.group.WORLD
     buf = Buffer(group, verify=True, timeout=cfg.timeout, ranks_per_node=cfg.ranks_per_node)
@@ -363,7 +363,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the soak on local Gloo ranks; print the report; 0 iff no mismatch."""
-    from .launch import WorkerError, run_local
+    from ..launch import WorkerError, run_local
 
     args = parse_args(argv)
     cfg = StressConfig(args.iters, args.world, args.seed, not args.no_ll, args.timeout, args.ranks_per_node)

@@ -6,6 +6,10 @@ holds the full ``[W, W]`` sent and received tables and compares ``sent[s][d]`` w
 ``received[d][s]``: any difference raises :class:`~flexep.errors.ConservationError` on every
 rank, naming the (source, destination) pairs. This catches lost, duplicated, reordered,
 truncated or altered rows, whatever the transport did.
+
+Checksums are computed on the payload's device and exchanged through the same group; the
+comparison reads the gathered table on the host once per exchange (verify mode is a debugging
+aid and not free: one extra round and one host read per exchange).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from ._dtypes import wire_view
-from .errors import ConservationError
+from .._dtypes import wire_view
+from ..errors import ConservationError
 
 __all__ = ["block_checksums", "check_exchange"]
 
@@ -34,15 +38,18 @@ def block_checksums(tensors: Sequence[torch.Tensor], counts: Sequence[int]) -> t
 
     Rows are weighted by their position inside the block, so reordering is detected too.
     """
-    out = torch.zeros(len(counts), 2, dtype=torch.int64)
+    device = tensors[0].device
     sums = sum(_row_sums(t) * 1_000_003 ** i for i, t in enumerate(tensors))
-    start = 0
-    for b, n in enumerate(counts):
-        weights = torch.arange(1, n + 1, dtype=torch.int64)
-        out[b, 0] = n
-        out[b, 1] = (sums[start:start + n] * weights).sum() if n else 0
-        start += n
-    return out
+    # Position of each row inside its block (1-based), built from the host counts.
+    block = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                    torch.tensor(list(counts), device=device),
+                                    output_size=int(sum(counts)))
+    starts = torch.tensor([0, *counts], device=device).cumsum(0)[:-1]
+    position = torch.arange(int(sum(counts)), device=device) - starts[block] + 1
+    weighted = torch.zeros(len(counts), dtype=torch.int64, device=device)
+    weighted.index_add_(0, block, sums * position)
+    rows = torch.tensor(list(counts), dtype=torch.int64, device=device)
+    return torch.stack([rows, weighted], 1)
 
 
 def check_exchange(tp, phase: str, sent: torch.Tensor, received: torch.Tensor,
@@ -51,6 +58,7 @@ def check_exchange(tp, phase: str, sent: torch.Tensor, received: torch.Tensor,
     members = list(members) if members is not None else list(range(tp.world))
     table = tp.all_gather(f"verify_{phase}", torch.cat([sent.flatten(), received.flatten()]),
                           group=group, members=members)
+    table = table.cpu()  # the one host read of the check
     g = len(members)
     sent_all = table[:, : 2 * g].view(g, g, 2)  # [src, dst]
     recv_all = table[:, 2 * g:].view(g, g, 2)  # [dst, src]

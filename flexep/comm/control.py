@@ -1,0 +1,244 @@
+"""The control round: one small exchange per call that makes failures collective.
+
+Before any payload moves, every rank publishes a fixed-width int64 row: the call it is making,
+its sequence number, the membership generation, its local validation verdict, the arguments
+that must agree across ranks, and the routing counts the algorithm needs. Every rank sees every
+row, so all ranks reach the same verdict:
+
+* a rank whose inputs failed validation raises its own ``ValueError``/``TypeError``; all others
+  raise :class:`~flexep.errors.RemoteInputError` naming it, instead of waiting for it forever;
+* ranks disagreeing on ``hidden``, dtype, ``num_experts``, top-k, mode, generation or call
+  order raise :class:`~flexep.errors.RankMismatchError` naming the field and the ranks, before a
+  payload of the wrong size can abort or silently corrupt an exchange;
+* the send counts give every rank the full ``[W, W]`` count matrix; per-destination values
+  (e.g. per-expert counts for the destination's experts) ride along.
+
+Where the row travels (:class:`ControlPlane`):
+
+* **on the call's device through the EP group** when the group can move tensors of that device
+  (NCCL and HCCL groups for accelerator tensors, Gloo for CPU tensors). The routing counts never
+  leave the device before the exchange; the received table is read on the host once, which is
+  the one host read normal mode makes (DeepEP reads its receive counts once too). Value checks
+  that would otherwise each read the device (``topk_idx`` range, consistency of the layout
+  tensors) are folded into the row as a device-computed flag, so they cost no extra read.
+* **on the host** otherwise: the EP group itself when it moves CPU tensors, else a CPU (Gloo)
+  side group the communicator creates at construction. Low-latency calls use this plane with
+  host-known values only (sizes, dtypes, modes), so they never read device memory and remain
+  capturable in a CUDA graph.
+
+The row has a fixed width that depends only on the group size and the call's kind, so it can
+never itself be the mismatched message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..device import group_carries
+from ..errors import RankMismatchError, RemoteInputError
+from .transport import Transport
+
+__all__ = ["Header", "ControlPlane", "dtype_code", "OPS", "ANY", "FIELDS"]
+
+MAGIC = 0x464C4558  # "FLEX"
+ANY = -2  # a field value that is not compared
+OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "ll_dispatch": 4, "ll_combine": 5,
+       "barrier": 6, "ll_clean": 7, "init": 8, "sync_free_dispatch": 9}
+_OP_NAMES = {v: k for k, v in OPS.items()}
+FIELDS = ("magic", "op", "seq", "generation", "error", "num_tokens", "hidden", "x_dtype", "num_scales",
+          "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode",
+          "num_worst_tokens", "bad_values")
+# Per-rank values that ride along for every rank to read, never compared across ranks.
+PER_RANK_FIELDS = ("num_tokens", "num_worst_tokens", "bad_values")
+_F = len(FIELDS)
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.int8,
+           torch.int32, torch.int64, torch.bool]
+_DTYPES += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+
+
+def dtype_code(dtype: Optional[torch.dtype]) -> int:
+    """Stable small integer for a dtype (``-1`` for None)."""
+    if dtype is None:
+        return -1
+    return _DTYPES.index(dtype) if dtype in _DTYPES else 99
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else f"code {code}"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a control round returns, on the host.
+
+    Attributes:
+        fields: ``[W, F] int64``, every rank's fields (see ``FIELDS``).
+        counts: ``[W, W] int64``, ``counts[s, d]`` = tokens rank s sends to rank d (zeros when
+            the call carried no counts).
+        extra: ``[W, X] int64``, per-rank vectors of a width every rank knows (e.g. node counts).
+        per_dest: ``[W, Y] int64``, what each source published for *this* rank.
+    """
+
+    fields: torch.Tensor
+    counts: torch.Tensor
+    extra: torch.Tensor
+    per_dest: torch.Tensor
+
+    def field(self, name: str) -> list[int]:
+        return self.fields[:, FIELDS.index(name)].tolist()
+
+
+class ControlPlane:
+    """Runs control rounds for one EP group (see the module docstring for where rows travel).
+
+    Every round of one communicator has the same width, whatever the call, so that ranks making
+    different calls still exchange rows of one size and can tell each other apart:
+    ``len(FIELDS) + W + extra_width + per_dest_width``. Both widths are agreed state: set at
+    construction (``extra_width``, the algorithm's) or changed only after a verdict every rank
+    reached (``per_dest_width``).
+
+    Args:
+        tp: the EP group's transport (deadlines, failures, accounting).
+        host_group: a CPU-capable group over the same ranks, or None when the EP group itself
+            moves CPU tensors.
+        generation: membership generation; rows of another generation are refused.
+    """
+
+    def __init__(self, tp: Transport, host_group: Optional[dist.ProcessGroup] = None,
+                 generation: int = 0) -> None:
+        self.tp = tp
+        self.host_group = host_group if host_group is not None else tp.group
+        self.generation = generation
+        self.extra_width = 0
+        self.per_dest_width = 0
+        self._device_types: dict = {}
+
+    def _on_device(self, device: torch.device) -> bool:
+        if device.type == "cpu":
+            return False
+        if device.type not in self._device_types:
+            self._device_types[device.type] = group_carries(self.tp.group, device.type)
+        return self._device_types[device.type]
+
+    def round(self, op: str, *, device: Optional[torch.device] = None,
+              error: Optional[BaseException] = None, check: bool = True,
+              send_counts: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None,
+              per_dest: Optional[torch.Tensor] = None, bad_values: Optional[torch.Tensor] = None,
+              explain: Optional[Callable[[], BaseException]] = None,
+              meanwhile: Optional[Callable[[], None]] = None, **values: int) -> Header:
+        """Run the control round of call ``op`` and raise collectively on any disagreement.
+
+        Args:
+            device: where the call's tensors live (None: host-known values only).
+            error: a local input error, shipped as a flag and re-raised here once every peer
+                has been told.
+            check: compare the agreement fields (``values``) across ranks.
+            send_counts: ``[W]`` tokens this rank sends to each rank (on ``device``).
+            extra: ``[extra_width]`` per-rank values every rank reads (on ``device``).
+            per_dest: ``[W, Y]`` values for each destination (on ``device``), ``Y <=
+                per_dest_width`` (zero-padded).
+            bad_values: a 0-dim integer tensor on ``device``, non-zero when a device-side value
+                check failed; ``explain()`` then builds the local error (it may read the host).
+            meanwhile: local work run while the round is in flight.
+            values: the agreement fields by name (unset fields are not compared).
+        """
+        world, extra_width, per_dest_width = self.tp.world, self.extra_width, self.per_dest_width
+        on_device = device is not None and self._on_device(device)
+        dev = device if on_device else torch.device("cpu")
+        fields = [ANY] * _F
+        fields[0], fields[1], fields[2] = MAGIC, OPS[op], self.tp.seq
+        fields[3], fields[4] = self.generation, int(error is not None)
+        for name, v in values.items():
+            fields[FIELDS.index(name)] = int(v)
+        ok = error is None
+        head = torch.tensor(fields, dtype=torch.int64, device=dev)
+        if ok and bad_values is not None:
+            head[_F - 1] = bad_values.to(device=dev, dtype=torch.int64)  # stays on the device
+        parts = [head]
+        width = world + extra_width
+        parts.append(_part(send_counts if ok else None, world, dev))
+        parts.append(_part(extra if ok else None, extra_width, dev))
+        row = torch.cat(parts)
+        self.tp.fault_point("before_header")
+        group = self.tp.group if on_device or self.host_group is self.tp.group else self.host_group
+        if per_dest_width:
+            dest = torch.zeros(world, per_dest_width, dtype=torch.int64, device=dev)
+            if ok and per_dest is not None:
+                dest[:, :per_dest.size(1)] = per_dest
+            rows = torch.cat([row.view(1, -1).expand(world, -1), dest], 1).contiguous()
+            out = torch.empty_like(rows)
+            ex = self.tp.start("header", [rows], [out], [1] * world, [1] * world, group=group,
+                               payload=False)
+            try:
+                if meanwhile is not None:
+                    meanwhile()
+            finally:
+                self.tp.wait(ex)
+            table = out
+        else:
+            table = self.tp.all_gather("header", row, group=group, meanwhile=meanwhile)
+        table = table.cpu()  # the call's one host read (free when the rows were on the host)
+        header = Header(fields=table[:, :_F], counts=table[:, _F:_F + world],
+                        extra=table[:, _F + world:_F + width], per_dest=table[:, _F + width:])
+        self._verdict(op, header, error, check, explain)
+        return header
+
+    def _verdict(self, op: str, h: Header, error, check: bool, explain) -> None:
+        tp = self.tp
+        kw = dict(op=op, phase="header", seq=tp.seq)
+        bad_magic = [r for r, m in enumerate(h.field("magic")) if m != MAGIC]
+        if bad_magic:
+            raise RankMismatchError(f"rank(s) {bad_magic} sent a malformed header (not a flexep call "
+                                    "of the same version at the same point)", ranks=bad_magic, **kw)
+        gens = h.field("generation")
+        if len(set(gens)) > 1:
+            old = [r for r, g in enumerate(gens) if g != max(gens)]
+            raise RankMismatchError(
+                f"ranks are in different membership generations ({gens}); rank(s) {old} belong to an "
+                "older group and are refused: rebuild them from the current membership", ranks=old, **kw)
+        flagged = [r for r, e in enumerate(h.field("bad_values")) if e not in (0, ANY)]
+        rejected = sorted({r for r, e in enumerate(h.field("error")) if e} | set(flagged))
+        if error is not None:
+            raise error
+        if tp.rank in flagged and explain is not None:
+            raise explain()
+        if rejected:
+            raise RemoteInputError(
+                f"rank(s) {rejected} rejected their inputs to {op}; see the ValueError/TypeError "
+                "raised on those ranks", ranks=rejected, **kw)
+        if not check:
+            return
+        ops, seqs = h.field("op"), h.field("seq")
+        if len(set(zip(ops, seqs))) > 1:
+            calls = ", ".join(f"rank {r}: {_OP_NAMES.get(o, o)} #{s}"
+                              for r, (o, s) in enumerate(zip(ops, seqs)))
+            odd = _minority(list(zip(ops, seqs)))
+            raise RankMismatchError(f"ranks are not making the same call ({calls}); every rank must "
+                                    "call the same methods in the same order", ranks=odd, **kw)
+        for name in FIELDS[5:]:
+            if name in PER_RANK_FIELDS:
+                continue
+            vals = h.field(name)
+            if len({v for v in vals if v != ANY}) <= 1:
+                continue
+            shown = [_dtype_name(v) if name.endswith("dtype") else v for v in vals]
+            odd = _minority(vals)
+            raise RankMismatchError(
+                f"ranks disagree on {name}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+                + f"; it must be equal on all ranks (odd one(s) out: {odd})", ranks=odd, **kw)
+
+
+def _part(t: Optional[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    if t is None:
+        return torch.zeros(width, dtype=torch.int64, device=device)
+    return t.to(device=device, dtype=torch.int64).reshape(width)
+
+
+def _minority(vals: Sequence) -> list[int]:
+    """Ranks whose value differs from the most common one (ties: the value of rank 0 wins)."""
+    common = max(set(vals), key=lambda v: (list(vals).count(v), v == vals[0]))
+    return [r for r, v in enumerate(vals) if v != common]

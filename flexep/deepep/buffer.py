@@ -1,0 +1,496 @@
+"""``Buffer``: DeepEP V1's ``deep_ep.Buffer`` API, translated onto :class:`flexep.core.Communicator`.
+
+``import flexep as deep_ep`` works for DeepEP V1 callers. This module only translates DeepEP's
+calling convention (argument names, tuple returns, events, handles) into core requests; every
+call is collective, validated on every rank, and bounded by ``timeout`` (see the core).
+
+Low-latency mode differences from DeepEP, all by design of a collective transport: results are
+fresh tensors (any number may be held; no cleaning between normal and low-latency calls),
+``dispatch_wait_recv_cost_stats``/``combine_wait_recv_cost_stats`` are accepted and left
+unchanged (a collective cannot attribute waiting to one source), and the receive buffer that
+``get_next_low_latency_combine_buffer`` returns is contiguous.
+
+Shape legend: :mod:`flexep.algorithms.contract` (M received rows; in low-latency mode
+Q = ``num_max_dispatch_tokens_per_rank``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms.contract import (
+    CachedDispatchRequest,
+    CombineRequest,
+    DispatchRequest,
+    LLCombineRequest,
+    LLDispatchRequest,
+    LowLatencyHandle,
+    NormalHandle,
+)
+from ..algorithms.low_latency import aligned, rdma_size_hint
+from ..comm.accounting import TrafficStats
+from ..config import Config, combine_config, dispatch_config
+from ..core import checks as C
+from ..core.communicator import Communicator, Options
+from ..errors import CapacityError
+from ..event import CommStreams, EventHandle, EventOverlap
+
+__all__ = ["Buffer", "topk_idx_t"]
+
+topk_idx_t = torch.int64
+XLike = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class Buffer:
+    """Expert-parallel communication buffer over a process group (DeepEP V1 compatible).
+
+    Args (DeepEP's, in DeepEP's order):
+        group: the EP ``ProcessGroup``; every rank of it must construct the ``Buffer``.
+        num_nvl_bytes, num_rdma_bytes: DeepEP's buffer sizes; validated (``>= 0``, multiples of
+            128). In low-latency mode ``num_rdma_bytes`` must cover
+            :meth:`get_low_latency_rdma_size_hint`, as in DeepEP; otherwise informational.
+        low_latency_mode: enable the low-latency API.
+        num_qps_per_rank: accepted (queue pairs belong to the backend; see ``num_channels``).
+        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, enable_shrink: accepted.
+        explicitly_destroy: if True, :meth:`destroy` must be called (as DeepEP).
+        comm: mpi4py communicators are not supported; pass ``group``.
+
+    flexep options (keyword only; see :class:`flexep.core.Options`): ``ranks_per_node``,
+    ``hierarchical``, ``num_channels``, ``timeout``, ``check_consistency``, ``validate``,
+    ``verify``.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0,
+                 num_rdma_bytes: int = 0, low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm: Optional[object] = None, *,
+                 ranks_per_node: Optional[int] = None, hierarchical: bool = True,
+                 num_channels: int = 1, timeout: Optional[float] = None,
+                 check_consistency: bool = True, validate: Optional[bool] = None,
+                 verify: Optional[bool] = None,
+                 _fault_hook: Optional[Callable[[str], None]] = None) -> None:
+        if group is None:
+            if comm is not None:
+                raise ValueError("flexep runs on torch.distributed: pass a ProcessGroup as group "
+                                 "(mpi4py communicators are not supported)")
+            raise ValueError("group must be a torch.distributed ProcessGroup, got None")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+        error: Optional[Exception] = None  # shipped in the construction round: every rank raises
+        try:
+            C.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0, multiple=128)
+            C.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0, multiple=128)
+            C.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self.group, self.rank, self.group_size = group, group.rank(), group.size()
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = bool(enable_shrink)
+        options = Options(ranks_per_node=ranks_per_node, hierarchical=hierarchical,
+                          num_channels=num_channels, timeout=timeout,
+                          check_consistency=check_consistency, validate=validate, verify=verify)
+        self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode)},
+                                 error=error, label="Buffer", fault_hook=_fault_hook)
+        self.topology, self.hierarchical = self.comm.topology, self.comm.hierarchical
+        self.num_channels, self.uid = self.comm.num_channels, self.comm.uid
+        self.check_consistency, self.validate = self.comm.check_consistency, validate
+        self._streams = CommStreams()
+        self._ll_combine_buffer: Optional[torch.Tensor] = None
+
+    # ---- DeepEP class/static helpers -------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: FP8 paths are available on every backend (moved as bytes)."""
+        return True
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        """Set the class-wide SM count used by the default configs (must be even)."""
+        C.check_int("new_num_sms", new_num_sms, minimum=0)
+        if new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be even, got {new_num_sms}")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current stream of this process's accelerator (DeepEP's ``capture``)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's tuned dispatch config for ``num_ranks`` with ``Buffer.num_sms``."""
+        return dispatch_config(C.check_int("num_ranks", num_ranks, minimum=1), Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's tuned combine config for ``num_ranks`` with ``Buffer.num_sms``."""
+        return combine_config(C.check_int("num_ranks", num_ranks, minimum=1), Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        """DeepEP's minimum ``num_rdma_bytes`` for LL mode, same formula (``num_ranks`` unused).
+
+        Example: ``(128, 7168, 8, 256) -> 1_908_410_496``.
+        """
+        for name, value in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+                            ("hidden", hidden), ("num_ranks", num_ranks), ("num_experts", num_experts)):
+            C.check_int(name, value, minimum=1)
+        return rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the buffer (requires ``explicitly_destroy=True``). Never blocks on peers."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True)")
+        self.comm.destroy()
+
+    def get_comm_stream(self):
+        """The communication stream of this process's accelerator, ``None`` without streams."""
+        return self._streams.get(EventHandle().device)
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """Not available: flexep has no registered symmetric buffer to expose."""
+        raise NotImplementedError("flexep allocates per call and has no raw NVL/RDMA buffer to view")
+
+    @property
+    def runtime(self):
+        """The transport (None once destroyed)."""
+        return self.comm._tp
+
+    @property
+    def last_traffic(self) -> TrafficStats:
+        """Bytes the last call on this rank sent per link class, next to the routing's minimum."""
+        return self.comm.last_traffic
+
+    # ---- normal mode -----------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Counts for dispatching ``topk_idx: [T, K] int64`` (``-1`` = unused slot). Local only.
+
+        Returns ``(num_tokens_per_rank [W] int32, num_tokens_per_rdma_rank [N] int32 or None
+        on one node, num_tokens_per_expert [E] int32, is_token_in_rank [T, W] bool, event)``.
+        """
+        self.comm.ensure_alive()
+        C.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+        with self._call(_device_of(topk_idx), previous_event, async_finish) as call:
+            lay = self.comm.layout(topk_idx, num_experts)
+            call.keep(topk_idx, lay.num_tokens_per_rank, lay.num_tokens_per_node,
+                      lay.num_tokens_per_expert, lay.is_token_in_rank)
+        return (lay.num_tokens_per_rank, lay.num_tokens_per_node, lay.num_tokens_per_expert,
+                lay.is_token_in_rank, call.event)
+
+    def dispatch(self, x: XLike, handle: Optional[NormalHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to every rank holding one of its experts (DeepEP's ``dispatch``).
+
+        ``x``: ``[T, H]`` bf16/fp16/fp32/fp64 or ``(e4m3 [T, H], scales [T, H/128] float32 or
+        [T, H/512] int32)``. With ``handle`` it is a cached dispatch (no routing arguments).
+        ``num_worst_tokens > 0`` gives exactly that many output rows (zero-padded), ``[]`` counts.
+
+        Returns ``(recv_x [M, H] (or the FP8 tuple), recv_topk_idx [M, K] int64 local ids (-1
+        elsewhere), recv_topk_weights [M, K] float32, num_recv_tokens_per_expert_list (aligned
+        python ints; None when cached), handle, event)``. Rows are grouped by source rank in
+        rank order, in source token order.
+        """
+        if handle is not None:
+            return self._cached_dispatch(x, handle, topk_idx, topk_weights, config, previous_event,
+                                         async_finish, allocate_on_comm_stream)
+
+        def request() -> DispatchRequest:
+            C.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            data, scales = C.split_x(x)
+            C.check_tensor("num_tokens_per_expert", num_tokens_per_expert, dim=1,
+                           dtypes=(torch.int32, torch.int64))
+            num_experts = C.check_num_experts(num_tokens_per_expert.numel(), self.group_size,
+                                              name="num_tokens_per_expert.numel()")
+            cfg = self._config(config, self.get_dispatch_config)
+            return DispatchRequest(
+                x=data, scales=scales, is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert, num_experts=num_experts,
+                topk_idx=_as_int64(topk_idx),
+                topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                handle_channels=max(1, cfg.num_sms // 2))
+        with self._call(_device_of(x), previous_event, async_finish) as call:
+            out = self.comm.dispatch(request)
+            call.keep(x, topk_idx, topk_weights, out.x, out.scales, out.topk_idx, out.topk_weights)
+        recv_x = out.x if out.scales is None else (out.x, out.scales)
+        return (recv_x, out.topk_idx, out.topk_weights, out.num_recv_tokens_per_expert, out.handle,
+                call.event)
+
+    def _cached_dispatch(self, x, handle, topk_idx, topk_weights, config, previous_event, async_finish,
+                         allocate_on_comm_stream):
+        def request() -> CachedDispatchRequest:
+            C.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle=...) takes no topk_idx/topk_weights")
+            _check_normal_handle(handle)
+            data, scales = C.split_x(x)
+            self._config(config, self.get_dispatch_config)
+            return CachedDispatchRequest(x=data, scales=scales, handle=handle)
+        with self._call(_device_of(x), previous_event, async_finish) as call:
+            out = self.comm.cached_dispatch(request)
+            call.keep(x, out.x, out.scales)
+        recv_x = out.x if out.scales is None else (out.x, out.scales)
+        return recv_x, None, None, None, None, call.event
+
+    def combine(self, x: torch.Tensor, handle: NormalHandle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Return every received row to its source and sum per original token (unweighted).
+
+        ``x: [M, H']`` (any width agreed across ranks), ``topk_weights: [M, K] float32`` summed
+        the same way, ``bias``: None, ``[T, H']`` or a pair, added once. Returns
+        ``(combined_x [T, H'], combined_topk_weights [T, K] or None, event)``, float32
+        accumulation rounded once.
+        """
+        def request() -> CombineRequest:
+            C.check_flags(previous_event, async_finish, allocate_on_comm_stream)
+            _check_normal_handle(handle)
+            self._config(config, self.get_combine_config)
+            return CombineRequest(x=x, handle=handle, topk_weights=topk_weights, bias=_unpack_bias(bias))
+        with self._call(_device_of(x), previous_event, async_finish) as call:
+            out = self.comm.combine(request)
+            call.keep(x, topk_weights, out.x, out.topk_weights)
+        return out.x, out.topk_weights, call.event
+
+    def internode_dispatch(self, x: XLike, handle: Optional[NormalHandle] = None,
+                           num_tokens_per_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                           is_token_in_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_expert: Optional[torch.Tensor] = None,
+                           topk_idx: Optional[torch.Tensor] = None,
+                           topk_weights: Optional[torch.Tensor] = None, expert_alignment: int = 1,
+                           num_worst_tokens: int = 0, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point (``config`` required); same as :meth:`dispatch`."""
+        if config is None:
+            raise ValueError("internode_dispatch requires config (use dispatch for the default)")
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                             num_worst_tokens, config, previous_event, async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle: NormalHandle,
+                          topk_weights: Optional[torch.Tensor] = None, bias=None,
+                          config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point (``config`` required); same as :meth:`combine`."""
+        if config is None:
+            raise ValueError("internode_combine requires config (use combine for the default)")
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    # ---- low-latency mode ------------------------------------------------------------------
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        """DeepEP's reset of the LL signalling buffers: nothing to reset here, so it checks its
+        arguments and acts as a barrier (collective)."""
+        self._require_low_latency("clean_low_latency_buffer")
+        error = None
+        try:
+            C.check_int("hidden", hidden, minimum=1)
+            self._check_ll_size(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self.comm.barrier("ll_clean", error, **({} if error else dict(
+            capacity=num_max_dispatch_tokens_per_rank, hidden=hidden, num_experts=num_experts)))
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """Send each token to the experts it chose, into a fixed-capacity per-expert layout.
+
+        ``x: [T, H]`` bf16 (``T <= Q``), ``topk_idx: [T, K] int64``. Returns ``(recv_x, recv_count
+        [L] int32, handle, event, hook)``: ``recv_x`` is ``[L, W*Q, H]`` in x's dtype, or with
+        ``use_fp8`` ``(e4m3 [L, W*Q, H], scales [L, W*Q, H/128] float32 or [L, W*Q, H/512] int32)``
+        with the token dimension contiguous; slots ``[0, recv_count[l])`` are valid, each
+        source's tokens one contiguous block in rank order. ``handle`` reads as DeepEP's 5-tuple.
+        With ``return_recv_hook`` the call returns after sending and ``hook()`` receives.
+        """
+        self._require_low_latency("low_latency_dispatch")
+
+        def request() -> LLDispatchRequest:
+            self._check_hook_flags(async_finish, return_recv_hook)
+            C.check_tensor("x", x, dim=2, dtypes=C.FLOAT_DTYPES)
+            C.check_num_experts(num_experts, self.group_size)
+            self._check_ll_size(num_max_dispatch_tokens_per_rank, x.size(1), num_experts)
+            if x.size(0) > num_max_dispatch_tokens_per_rank:
+                raise CapacityError(
+                    f"x has {x.size(0)} tokens, more than num_max_dispatch_tokens_per_rank "
+                    f"({num_max_dispatch_tokens_per_rank}); raise num_max_dispatch_tokens_per_rank "
+                    "(equal on all ranks) or split the batch", op="low_latency_dispatch")
+            if dispatch_wait_recv_cost_stats is not None:
+                C.check_tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, dim=1,
+                               dtypes=(torch.int64,), rows=self.group_size)
+            return LLDispatchRequest(
+                x=x, topk_idx=C.check_topk_idx(topk_idx, x.size(0), num_experts, values=False,
+                                               device=x.device),
+                capacity=num_max_dispatch_tokens_per_rank, num_experts=num_experts, use_fp8=use_fp8,
+                round_scale=round_scale, use_ue8m0=use_ue8m0,
+                cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
+        with self._call(_device_of(x), None, async_finish) as call:
+            pending, handle = self.comm.ll_dispatch(request)
+            if not return_recv_hook:
+                pending.finish()
+            recv_x = pending.out.recv_x()
+            call.keep(x, topk_idx, pending.out.recv_count, recv_x)
+        hook = pending.finish if return_recv_hook else None
+        return recv_x, pending.out.recv_count, handle, call.event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Weighted sum of each token's expert outputs, back on the token's rank.
+
+        ``x: [L, W*Q, H]`` expert outputs in the dispatch's slots (only valid slots are read;
+        with ``zero_copy`` :meth:`get_next_low_latency_combine_buffer` is read instead),
+        ``topk_idx``/``topk_weights [T, K]`` the dispatched routing and its weights. Returns
+        ``(combined_x [T, H] = sum_k w[t, k] * y(e_k, t), float32 accumulation; event; hook)``.
+        """
+        self._require_low_latency("low_latency_combine")
+
+        def request() -> LLCombineRequest:
+            if use_logfmt:
+                raise ValueError("use_logfmt=True (DeepEP's lossy LogFMT combine) is not supported by "
+                                 "flexep; pass use_logfmt=False (combine sends x's dtype)")
+            self._check_hook_flags(async_finish, return_recv_hook)
+            _check_ll_handle(handle)
+            self.comm.check_ll_handle(handle)
+            C.check_tensor("x", x, dim=3, dtypes=C.FLOAT_DTYPES, contiguous=not zero_copy)
+            shape = (handle.num_local_experts, handle.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                     handle.hidden)
+            if tuple(x.shape) != shape:
+                raise ValueError(f"x must be {list(shape)} (the dispatch's [L, W*M, H]), got {list(x.shape)}")
+            C.check_topk_idx(topk_idx, handle.num_tokens, handle.num_experts, values=False)
+            if topk_idx.shape != handle.topk_idx.shape or (self.comm._validate_now(topk_idx) and not
+                                                            torch.equal(topk_idx.long(), handle.topk_idx)):
+                raise ValueError("topk_idx must be the routing this rank dispatched with (the handle's "
+                                 f"{list(handle.topk_idx.shape)} topk_idx), got a different one")
+            if combine_wait_recv_cost_stats is not None:
+                C.check_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, dim=1,
+                               dtypes=(torch.int64,), rows=self.group_size)
+            source = self._zero_copy_source(handle, x) if zero_copy else aligned(x)
+            dest = out if out is not None else torch.empty(handle.num_tokens, handle.hidden, dtype=x.dtype,
+                                                           device=x.device)
+            return LLCombineRequest(x=source, topk_weights=topk_weights, handle=handle, out=dest)
+        with self._call(_device_of(x), None, async_finish) as call:
+            pending = self.comm.ll_combine(request)
+            if not return_recv_hook:
+                pending.finish()
+            call.keep(x, topk_idx, topk_weights, pending.out)
+        return pending.out, call.event, pending.finish if return_recv_hook else None
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The ``[L, W*Q, H]`` bf16 tensor ``low_latency_combine(..., zero_copy=True)`` reads.
+
+        Write the expert outputs into it (the handle's slot layout) instead of passing them as
+        ``x``. It is contiguous, kept by this ``Buffer`` and reused for every handle of the same
+        shape; combine has read it by the time it returns, so it may be refilled right after.
+        """
+        self._require_low_latency("get_next_low_latency_combine_buffer")
+        _check_ll_handle(handle)
+        self.comm.check_ll_handle(handle)
+        shape = (handle.num_local_experts, handle.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        device, buf = handle.recv_src_info.device, self._ll_combine_buffer
+        if buf is None or tuple(buf.shape) != shape or buf.device != device:
+            buf = self._ll_combine_buffer = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        return buf
+
+    def _zero_copy_source(self, handle: LowLatencyHandle, x: torch.Tensor) -> torch.Tensor:
+        buf = self._ll_combine_buffer
+        if buf is None or buf.shape != x.shape or buf.device != x.device:
+            raise ValueError("zero_copy=True reads get_next_low_latency_combine_buffer(handle): call it "
+                             "and write the expert outputs into it first")
+        return buf
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _call(self, device: Optional[torch.device], previous_event, async_finish):
+        return self._streams.call(device, previous_event, async_finish)
+
+    def _require_low_latency(self, what: str) -> None:
+        self.comm.ensure_alive()
+        if not self.low_latency_mode:
+            raise ValueError(f"{what} needs a Buffer created with low_latency_mode=True "
+                             "(this one has low_latency_mode=False)")
+
+    @staticmethod
+    def _check_hook_flags(async_finish: bool, return_recv_hook: bool) -> None:
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish=True and return_recv_hook=True are mutually exclusive")
+
+    def _check_ll_size(self, capacity: int, hidden: int, num_experts: int) -> None:
+        """Capacity and ``num_rdma_bytes`` against DeepEP's size hint (never truncate)."""
+        C.check_int("num_max_dispatch_tokens_per_rank", capacity, minimum=1)
+        C.check_num_experts(num_experts, self.group_size)
+        need = rdma_size_hint(capacity, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise CapacityError(
+                f"num_rdma_bytes ({self.num_rdma_bytes}) is smaller than the {need} bytes low-latency "
+                f"mode needs for num_max_dispatch_tokens_per_rank={capacity}, hidden={hidden}, "
+                f"num_experts={num_experts}; create the Buffer with num_rdma_bytes="
+                "Buffer.get_low_latency_rdma_size_hint(...)", op="low_latency")
+
+    def _config(self, config, default) -> Config:
+        if config is None:
+            return default(self.group_size)
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a flexep.Config, got {type(config).__name__}")
+        return config
+
+
+def _device_of(x) -> Optional[torch.device]:
+    t = x[0] if isinstance(x, (tuple, list)) and x else x
+    return t.device if isinstance(t, torch.Tensor) else None
+
+
+def _as_int64(t):
+    """int32 top-k ids are accepted and widened; anything else is left for the checks to name."""
+    return t.long() if isinstance(t, torch.Tensor) and t.dtype == torch.int32 else t
+
+
+def _check_normal_handle(handle) -> None:
+    if not isinstance(handle, NormalHandle):
+        raise TypeError(f"handle must be the handle returned by Buffer.dispatch, got {type(handle).__name__}")
+
+
+def _check_ll_handle(handle) -> None:
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError("handle must be the handle returned by Buffer.low_latency_dispatch, got "
+                        f"{type(handle).__name__}")
+
+
+def _unpack_bias(bias) -> tuple:
+    if bias is None:
+        return ()
+    if isinstance(bias, torch.Tensor):
+        return (bias,)
+    if isinstance(bias, (tuple, list)) and len(bias) == 2:
+        return tuple(b for b in bias if b is not None)
+    raise TypeError(f"bias must be None, a tensor or a pair of tensors, got {type(bias).__name__}")
