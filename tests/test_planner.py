@@ -225,18 +225,19 @@ def test_toy_sm_budget_proxy_and_unordered_fabric():
     # A CPU proxy posts the 2 low-latency messages and the count signals of the experts in the
     # other domain (2 of 4): 4 x 1 us / 2 threads; the hand-off adds 3 us.
     msg = TOY_SHAPE.ll_dispatch_message_bytes()
-    hw = _toy_hardware(initiator="proxy", proxy_threads=2, proxy_message_us=1.0, proxy_latency_us=3.0)
-    ll = [p for p in predict(hw, TOY_SHAPE, TOY_ROUTING, 4, ("low_latency",), profile=_toy_profile())
+    hw = _toy_hardware(initiator="proxy", proxy_threads=2, proxy_latency_us=3.0)
+    prof = _toy_profile(proxy_message_us=1.0)
+    ll = [p for p in predict(hw, TOY_SHAPE, TOY_ROUTING, 4, ("low_latency",), profile=prof)
           if p.phase == "dispatch"][0]
     assert ll.terms_us["proxy_post"] == pytest.approx(4 * 1.0 / 2)
     assert ll.time_us == pytest.approx(5 + 1 + 3 + 2 * msg / 1e3)
-    # Unordered fabric: the receiver's proxy reaps every message too (8 posts, 4 us) and the
-    # sender waits one round trip (2 x 1 us) before signalling.
+    # Unordered fabric: the receiver's proxy handles every signal too (2 + 2 x 2 posts, 3 us)
+    # and the sender waits one round trip (2 x 1 us) before signalling.
     hw = Hardware(**{**hw.__dict__, "fabric": Fabric(ordered=False, routing="spray")})
-    ll = [p for p in predict(hw, TOY_SHAPE, TOY_ROUTING, 4, ("low_latency",), profile=_toy_profile())
+    ll = [p for p in predict(hw, TOY_SHAPE, TOY_ROUTING, 4, ("low_latency",), profile=prof)
           if p.phase == "dispatch"][0]
-    assert ll.terms_us["proxy_post"] == pytest.approx(4.0)
-    assert ll.time_us == pytest.approx(5 + 1 + 3 + 2 + max(2 * msg / 1e3, 4.0))
+    assert ll.terms_us["proxy_post"] == pytest.approx(3.0)
+    assert ll.time_us == pytest.approx(5 + 1 + 3 + 2 + max(2 * msg / 1e3, 3.0))
 
 
 def test_flexep_profile_adds_host_read_and_passes():

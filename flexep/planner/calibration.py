@@ -10,6 +10,14 @@ Only DeepEP's own tables are fitted (results of other systems are a held-out tes
 * ``v1_low_latency``: same README, low-latency kernels on H800 + CX7: 128 tokens per rank,
   top-8, 288 experts where the EP size divides it, else 256, 10 masked slots
   (``test_low_latency.py``).
+* ``v1_normal_ibrc``: the same README as first published (February 2025), internode rows
+  measured with NVSHMEM's IBRC transport: one CPU proxy thread per GPU posts every RDMA write
+  (``h800_ib`` with a proxy-initiated NIC, one thread). The rows that changed when IBGDA
+  replaced it (EP32, EP64) and EP16, which did not. This table is what calibrates the cost of
+  a proxy-posted write.
+* ``v1_low_latency_rdma``: the first README's low-latency table, from before those kernels used
+  NVLink inside a node: every message went through the NIC (``h800_ib`` with a scale-up domain
+  of one GPU). EP8 to EP64 (the larger sizes were not re-measured).
 * ``v2_normal``: DeepEP V2 README: 8192 tokens per rank, hidden 7168, top-8 of 256, FP8
   dispatch, BF16 combine, uniform routing (``tests/elastic/test_ep.py``), hybrid mode, the SM
   count of each row. "SM90 + CX7" is read as ``h100_ib``: the NVLink bytes its EP16 dispatch
@@ -25,10 +33,11 @@ which keeps a parameter no table informs at its prior instead of wandering.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from .fit import nelder_mead
+from .hardware import Hardware
 from .metrics import metric_value
 from .plan import Prediction, _fabric_us, phase_loads, predict_from_loads
 from .presets import get_preset
@@ -37,16 +46,21 @@ from .profiles.fitted import FIT
 from .routing import Routing
 from .workload import ModelShape
 
-__all__ = ["PublishedRow", "PUBLISHED", "TABLES", "TOLERANCE", "SOURCES", "CalibrationRow", "Param",
-           "PARAMS", "calibrate", "cross_validate", "fit", "prepare", "evaluate", "format_calibration",
-           "format_fit", "workload_for", "published_for", "profiles_from"]
+__all__ = ["PublishedRow", "PUBLISHED", "hardware_for", "TABLES", "TOLERANCE", "SOURCES", "CalibrationRow",
+           "Param", "PARAMS", "calibrate", "cross_validate", "fit", "prepare", "evaluate",
+           "format_calibration", "format_fit", "workload_for", "published_for", "profiles_from"]
 
-TABLES = ("v1_normal", "v1_low_latency", "v2_normal")
-TOLERANCE = {"v1_normal": 0.15, "v1_low_latency": 0.25, "v2_normal": 0.15}
+TABLES = ("v1_normal", "v1_normal_ibrc", "v1_low_latency", "v1_low_latency_rdma", "v2_normal")
+TOLERANCE = {"v1_normal": 0.15, "v1_normal_ibrc": 0.30, "v1_low_latency": 0.25,
+             "v1_low_latency_rdma": 0.25, "v2_normal": 0.15}
 SOURCES = {
-    "v1_normal": "github.com/deepseek-ai/DeepEP docs/legacy.md (V1 README), normal kernels",
-    "v1_low_latency": "github.com/deepseek-ai/DeepEP docs/legacy.md (V1 README), low-latency kernels",
-    "v2_normal": "github.com/deepseek-ai/DeepEP README.md (V2), performance table",
+    "v1_normal": "github.com/deepseek-ai/DeepEP docs/legacy.md @ dd758ca (V1 README), normal kernels",
+    "v1_normal_ibrc": "github.com/deepseek-ai/DeepEP README.md @ ebfe47e (2025-02-25), normal kernels",
+    "v1_low_latency": "github.com/deepseek-ai/DeepEP docs/legacy.md @ dd758ca (V1 README), "
+                      "low-latency kernels",
+    "v1_low_latency_rdma": "github.com/deepseek-ai/DeepEP README.md @ ebfe47e (2025-02-25), "
+                           "low-latency kernels",
+    "v2_normal": "github.com/deepseek-ai/DeepEP README.md @ dd758ca (V2), performance table",
 }
 _PRIOR_WEIGHT = 0.02  # pull toward the prior, per squared log deviation
 # Tokens drawn per routing: ranks beyond reuse earlier ranks' draws. Changes the calibration's
@@ -68,19 +82,34 @@ class PublishedRow:
     sms: int = 0
 
 
+def hardware_for(row: PublishedRow) -> Hardware:
+    """The preset of ``row``, as its table's setup used it (see the module docstring)."""
+    hw = get_preset(row.preset)
+    if row.table == "v1_normal_ibrc":  # NVSHMEM IBRC: one CPU proxy thread per GPU posts
+        return replace(hw, nic=replace(hw.nic, initiator="proxy", proxy_threads=1))
+    if row.table == "v1_low_latency_rdma":  # every message through the NIC, none over NVLink
+        return replace(hw, scale_up=replace(hw.scale_up, domain_size=1))
+    return hw
+
+
 def _rows() -> tuple:
     out = [PublishedRow("v1_normal", 8, "dispatch", "nvl_gbs", 153),
            PublishedRow("v1_normal", 8, "combine", "nvl_gbs", 158)]
     for ep, d, c in ((16, 43, 43), (32, 58, 57), (64, 51, 50)):
         out += [PublishedRow("v1_normal", ep, "dispatch", "rdma_gbs", d),
                 PublishedRow("v1_normal", ep, "combine", "rdma_gbs", c)]
+    for ep, d, c in ((16, 43, 43), (32, 44, 47), (64, 46, 45)):
+        out += [PublishedRow("v1_normal_ibrc", ep, "dispatch", "rdma_gbs", d),
+                PublishedRow("v1_normal_ibrc", ep, "combine", "rdma_gbs", c)]
     ll = ((8, 77, 98, 114, 127), (16, 118, 63, 195, 74), (32, 155, 48, 273, 53),
           (64, 173, 43, 314, 46), (128, 192, 39, 369, 39), (256, 194, 39, 360, 40))
-    for ep, dl, dbw, cl, cbw in ll:
-        out += [PublishedRow("v1_low_latency", ep, "dispatch", "latency_us", dl),
-                PublishedRow("v1_low_latency", ep, "dispatch", "ll_gbs", dbw),
-                PublishedRow("v1_low_latency", ep, "combine", "latency_us", cl),
-                PublishedRow("v1_low_latency", ep, "combine", "ll_gbs", cbw)]
+    rdma = ((8, 163, 46, 318, 46), (16, 173, 43, 329, 44), (32, 182, 41, 350, 41), (64, 186, 40, 353, 41))
+    for table, rows in (("v1_low_latency", ll), ("v1_low_latency_rdma", rdma)):
+        for ep, dl, dbw, cl, cbw in rows:
+            out += [PublishedRow(table, ep, "dispatch", "latency_us", dl),
+                    PublishedRow(table, ep, "dispatch", "ll_gbs", dbw),
+                    PublishedRow(table, ep, "combine", "latency_us", cl),
+                    PublishedRow(table, ep, "combine", "ll_gbs", cbw)]
     for preset, ep, sms, d, c, metric in (("h100_ib", 16, 12, 90, 81, "v2_so_gbs"),
                                           ("h100_ib", 32, 6, 61, 61, "v2_so_gbs"),
                                           ("b200_ib", 16, 12, 90, 91, "v2_so_gbs"),
@@ -96,10 +125,10 @@ PUBLISHED = _rows()
 
 def workload_for(row: PublishedRow) -> tuple[ModelShape, Routing, str, str]:
     """(shape, routing, mode, profile name) DeepEP's test ran for ``row``."""
-    if row.table == "v1_normal":
+    if row.table in ("v1_normal", "v1_normal_ibrc"):
         routing = Routing("uniform") if row.ep <= 8 else Routing("group_limited")
         return ModelShape(), routing, "hierarchical", "deepep_v1"
-    if row.table == "v1_low_latency":
+    if row.table in ("v1_low_latency", "v1_low_latency_rdma"):
         experts = 288 if 288 % row.ep == 0 else 256
         return (ModelShape(tokens_per_rank=128, num_experts=experts),
                 Routing("uniform", masked_slots=10), "low_latency", "deepep_v1")
@@ -113,7 +142,8 @@ def published_for(shape: ModelShape) -> tuple:
     plan's plot of the h800_ib preset; experts may differ (DeepEP's low-latency test used 288)."""
     def key(s: ModelShape) -> tuple:
         return s.tokens_per_rank, s.hidden, s.topk, s.dispatch_dtype, s.combine_dtype
-    return tuple(r for r in PUBLISHED if r.table.startswith("v1") and key(workload_for(r)[0]) == key(shape))
+    return tuple(r for r in PUBLISHED if r.table in ("v1_normal", "v1_low_latency")
+                 and key(workload_for(r)[0]) == key(shape))
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,7 @@ PARAMS = (
     Param("shared", "scaleup_efficiency", 0.75, 0.2, 1.0),
     Param("shared", "rdma_efficiency", 0.9, 0.4, 1.0),
     Param("shared", "sm_copy_gbs", 25.0, 2.0, 200.0),
+    Param("shared", "proxy_message_us", 1.0, 0.01, 50.0),
     Param("deepep_v1", "sm_forward_gbs", 20.0, 2.0, 200.0),
     Param("deepep_v1", "launch_us", 20.0, 1.0, 300.0),
     Param("deepep_v1", "peer_us", 1.0, 0.01, 100.0),
@@ -186,8 +217,8 @@ def prepare(rows: Sequence[PublishedRow] = PUBLISHED, seed: int = 0) -> list:
     out = []
     for row in rows:
         shape, routing, mode, prof_name = workload_for(row)
-        hw = get_preset(row.preset)
-        key = (row.table, row.ep, row.preset)
+        hw = hardware_for(row)
+        key = (row.preset, hw.domain_size, row.ep, shape, routing.describe(), mode)
         if key not in cache:
             cache[key] = phase_loads(hw, shape, routing, row.ep, (mode,), seed=seed,
                                      distinct_tokens=DISTINCT_TOKENS)
@@ -216,11 +247,12 @@ def _unpack(x: Sequence[float], base: dict) -> dict:
     return out
 
 
-def fit(cases: Sequence, max_evals: int = 3000, restarts: int = 2) -> tuple[dict, float]:
+def fit(cases: Sequence, max_evals: int = 3000, restarts: int = 2, sweeps: int = 2) -> tuple[dict, float]:
     """Fit :data:`PARAMS` to the prepared ``cases``; returns (constants in FIT's layout, loss).
 
     Loss: mean squared log error of the fitted rows plus the prior pull. Starts from the
-    priors; each restart continues from the best point with a fresh simplex.
+    priors, sweeps each parameter over its range ``sweeps`` times, then runs Nelder-Mead; each restart
+    continues from the best point with a fresh simplex.
     """
     fitted_rows = [c for c in cases if c.row.metric != "ll_gbs"]
     base = {k: dict(v) for k, v in FIT.items()}
@@ -233,22 +265,28 @@ def fit(cases: Sequence, max_evals: int = 3000, restarts: int = 2) -> tuple[dict
         return err + _PRIOR_WEIGHT * prior / len(PARAMS)
 
     x = [math.log(p.prior) for p in PARAMS]
+    # A term that binds nowhere at the start leaves the loss flat in its parameter, where a
+    # simplex cannot see a way down: sweep every parameter over its range first.
+    for _ in range(sweeps):
+        for i, p in enumerate(PARAMS):
+            grid = [math.log(p.lo) + (math.log(p.hi) - math.log(p.lo)) * k / 48 for k in range(49)]
+            x[i] = min(grid + [x[i]], key=lambda v: loss(x[:i] + [v] + x[i + 1:]))
     best = loss(x)
     for i in range(restarts + 1):
         x, best = nelder_mead(loss, x, step=0.4 / (i + 1), max_evals=max_evals)
     return _unpack(x, base), best
 
 
-def cross_validate(cases: Sequence, max_evals: int = 3000) -> dict:
-    """Leave-one-table-out: for each table, fit on the others and predict it.
-    Returns ``{table: [CalibrationRow]}``."""
+def cross_validate(cases: Sequence, max_evals: int = 2000) -> dict:
+    """Leave-one-table-out: for each table, fit on the others (one sweep, one restart: the fits
+    start near the full fit's optimum) and predict it. Returns ``{table: [CalibrationRow]}``."""
     out = {}
     for table in TABLES:
         train = [c for c in cases if c.row.table != table]
         test = [c for c in cases if c.row.table == table]
         if not test:
             continue
-        vals, _ = fit(train, max_evals=max_evals)
+        vals, _ = fit(train, max_evals=max_evals, restarts=1, sweeps=1)
         out[table] = evaluate(test, vals)
     return out
 

@@ -151,11 +151,11 @@ def _latency_terms(ld: Loads, hw: Hardware, hierarchical: bool) -> list:
     return out
 
 
-def _proxy_term(hw: Hardware, messages: float) -> list:
+def _proxy_term(hw: Hardware, prof: Profile, messages: float) -> list:
     """CPU threads posting ``messages`` network writes for one GPU."""
     if hw.nic.initiator == "gpu" or messages <= 0:
         return []
-    return [Term("proxy_post", "issue", messages * hw.nic.proxy_message_us / hw.nic.proxy_threads, True)]
+    return [Term("proxy_post", "issue", messages * prof.proxy_message_us / hw.nic.proxy_threads, True)]
 
 
 def _normal_deepep(ld: Loads, hw: Hardware, prof: Profile, fabric_us: float,
@@ -182,7 +182,8 @@ def _normal_deepep(ld: Loads, hw: Hardware, prof: Profile, fabric_us: float,
                       Term("sm_recv", "sm", us(ld.rows_recv * rb, half * prof.sm_copy_gbs), True)]
     # A proxy posts one write per chunk of rows and one tail update after it.
     net_rows = max(ld.nic_send, ld.nic_recv) / rb if rb else 0.0
-    terms += _proxy_term(hw, 2 * net_rows / prof.chunk_rows)
+    chunk = prof.combine_chunk_rows if ld.phase == "combine" else prof.chunk_rows
+    terms += _proxy_term(hw, prof, 2 * net_rows / chunk)
     terms += [Term("launch", "fixed", prof.launch_us, False),
               Term("peers", "fixed", prof.peer_us * (ld.su_peers + ld.net_peers), False)]
     terms += _latency_terms(ld, hw, hierarchical)
@@ -213,7 +214,8 @@ def _normal_flexep(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, fa
     if ld.phase == "dispatch":
         terms.append(Term("host_read", "fixed", prof.host_sync_us * (2 if hierarchical else 1), False))
     net_rows = max(ld.nic_send, ld.nic_recv) / rb if rb else 0.0
-    terms += _proxy_term(hw, 2 * net_rows / prof.chunk_rows)
+    chunk = prof.combine_chunk_rows if ld.phase == "combine" else prof.chunk_rows
+    terms += _proxy_term(hw, prof, 2 * net_rows / chunk)
     terms += [Term("launch", "fixed", prof.launch_us * (2 if hierarchical else 1), False),
               Term("peers", "fixed", prof.peer_us * (ld.su_peers + ld.net_peers), False)]
     terms += _latency_terms(ld, hw, hierarchical)
@@ -232,16 +234,16 @@ def _low_latency(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, fabr
         if ld.phase == "dispatch" and shape.quantized and prof.cast_passes:
             terms.append(Term("cast", "compute",
                               us(prof.cast_passes * shape.tokens_per_rank * shape.hidden * 2, hbm), False))
-        terms += _proxy_term(hw, ld.remote_messages)
+        terms += _proxy_term(hw, prof, ld.remote_messages)
     else:
         terms += [Term("gpu_issue", "issue", ld.messages * prof.ll_message_us, True),
                   Term("expert_serial", "sm", ld.tokens_per_expert * prof.ll_token_us, True)]
         # A proxy posts every remote message and every remote count signal (one per expert of
-        # another domain); on an unordered fabric the receiver's proxy also reaps every arriving
-        # message to know when an expert's tokens have all landed before it publishes the count.
-        remote_share = (ld.ep - ld.domain) / ld.ep
-        posted = ld.remote_messages + shape.num_experts * remote_share
-        terms += _proxy_term(hw, posted * (1 if hw.fabric.ordered else 2))
+        # another domain); on an unordered fabric the receiver's proxy also handles every
+        # signal (it may only publish a count once the tokens it counts have landed).
+        signals = shape.num_experts * (ld.ep - ld.domain) / ld.ep
+        posted = ld.remote_messages + signals * (1 if hw.fabric.ordered else 2)
+        terms += _proxy_term(hw, prof, posted)
     terms.append(Term("launch", "fixed", prof.ll_launch_us, False))
     terms += _latency_terms(ld, hw, hierarchical=False)
     return terms

@@ -33,7 +33,8 @@ FAMILIES = ("deepep_v1", "deepep_v2", "flexep")
 
 # Profile fields the calibration may fit; the others describe the implementation's structure.
 FITTED_FIELDS = ("scaleup_efficiency", "rdma_efficiency", "sm_copy_gbs", "sm_forward_gbs",
-                 "launch_us", "peer_us", "ll_launch_us", "ll_message_us", "ll_token_us")
+                 "proxy_message_us", "launch_us", "peer_us", "ll_launch_us", "ll_message_us",
+                 "ll_token_us")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,10 @@ class Profile:
         sm_forward_gbs: GB/s one SM moves in the network kernel (staging for RDMA, forwarding,
             copying out).
         qps_per_peer: queue pairs (flows) per peer, what ECMP hashes.
-        chunk_rows: rows per RDMA write in normal mode (a proxy posts one write per chunk).
+        chunk_rows, combine_chunk_rows: rows per RDMA write in normal dispatch / combine (a
+            proxy posts one write per chunk and one tail update after it).
+        proxy_message_us: CPU time a proxy thread spends per RDMA write it posts for the GPU
+            (post, doorbell, completion), on NICs the GPU cannot drive (``Nic.initiator``).
         launch_us: fixed cost of a normal call (launch, count exchange, completion).
         peer_us: cost per peer a rank exchanges with in a normal call (handshakes, tails).
         ll_launch_us: fixed cost of a low-latency call (launch, count signals, completion).
@@ -78,6 +82,8 @@ class Profile:
     sm_forward_gbs: float = 15.0
     qps_per_peer: int = 12
     chunk_rows: int = 16
+    combine_chunk_rows: int = 16
+    proxy_message_us: float = 1.0
     launch_us: float = 20.0
     peer_us: float = 0.5
     ll_launch_us: float = 25.0
@@ -102,9 +108,9 @@ class Profile:
         if self.sm_copy_gbs <= 0 or self.sm_forward_gbs <= 0:
             raise ValueError(f"Profile SM rates must be positive, got sm_copy_gbs={self.sm_copy_gbs}, "
                              f"sm_forward_gbs={self.sm_forward_gbs}")
-        if self.qps_per_peer < 1 or self.chunk_rows < 1:
-            raise ValueError(f"Profile.qps_per_peer and chunk_rows must be >= 1, got "
-                             f"{self.qps_per_peer}, {self.chunk_rows}")
+        if min(self.qps_per_peer, self.chunk_rows, self.combine_chunk_rows) < 1:
+            raise ValueError(f"Profile.qps_per_peer, chunk_rows and combine_chunk_rows must be >= 1, got "
+                             f"{self.qps_per_peer}, {self.chunk_rows}, {self.combine_chunk_rows}")
 
     def with_fit(self, values: dict) -> Profile:
         """This profile with the fitted fields in ``values`` replaced (others ignored)."""

@@ -15,6 +15,7 @@ PROFILE = Profile(
     family="deepep_v2",
     sms=0,
     qps_per_peer=9,
-    chunk_rows=16,
+    chunk_rows=30,
+    combine_chunk_rows=20,
 ).with_fit({**FIT["shared"], **FIT["deepep_v1"], "sm_forward_gbs": FIT["shared"]["sm_copy_gbs"],
             **FIT["deepep_v2"]})

@@ -6,8 +6,9 @@ Regenerate with ``flexep plan --calibrate --fit`` (it prints this file's content
 """
 
 FIT = {
-    'shared': {'scaleup_efficiency': 0.7231, 'rdma_efficiency': 0.9134, 'sm_copy_gbs': 28.43},
-    'deepep_v1': {'sm_forward_gbs': 16.02, 'launch_us': 20.23, 'peer_us': 1.003, 'll_launch_us': 23.51,
-                  'll_message_us': 0.009998, 'll_token_us': 0.02},
-    'deepep_v2': {'launch_us': 19.37, 'peer_us': 0.5},
+    'shared': {'scaleup_efficiency': 0.7125, 'rdma_efficiency': 0.8916, 'sm_copy_gbs': 28.38,
+               'proxy_message_us': 1.0},
+    'deepep_v1': {'sm_forward_gbs': 15.99, 'launch_us': 21.06, 'peer_us': 1.024, 'll_launch_us': 19.26,
+                  'll_message_us': 0.01, 'll_token_us': 0.02001},
+    'deepep_v2': {'launch_us': 19.04, 'peer_us': 0.5},
 }

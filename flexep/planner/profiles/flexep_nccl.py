@@ -1,8 +1,9 @@
 """flexep over NCCL: what a user of this library gets on GPUs (estimates, not calibrated).
 
-No published GPU measurements of flexep exist, so only the link efficiencies and the SM copy
-rate come from the DeepEP fit (NCCL's copies are SM load/stores too); the rest are estimates of
-the costs flexep's structure adds, to be replaced by measurements:
+No published GPU measurements of flexep exist, so only the link efficiencies, the SM copy rate
+and the cost of a proxy-posted write come from the DeepEP fit (NCCL's copies are SM load/stores
+too, its network proxy posts like NVSHMEM's); the rest are estimates of the costs flexep's
+structure adds, to be replaced by measurements:
 
 * normal dispatch: a count exchange and a host read of the counts (``host_sync_us``) before the
   payload all-to-all; hierarchical runs its network and forward all-to-alls one after the other;
@@ -37,4 +38,4 @@ PROFILE = Profile(
     host_sync_us=30.0,
     memory_passes=2.0,
     cast_passes=3.0,
-).with_fit({k: FIT["shared"][k] for k in ("scaleup_efficiency", "rdma_efficiency", "sm_copy_gbs")})
+).with_fit(FIT["shared"])
