@@ -197,14 +197,15 @@ def _normal_flexep(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, fa
     rb = ld.row_bytes
     links = _link_terms(ld, hw, prof, fabric_us)
     hierarchical = ld.mode == "hierarchical" and ld.multi_domain
-    copy = us(ld.rows_send_recv * rb, sms * prof.sm_copy_gbs)
-    if hierarchical:  # the network hop finishes before the forward hop starts
-        net = max(t.us for t in links if t.name.startswith(("nic", "fabric")))
-        fwd = max(t.us for t in links if t.name.startswith("scaleup"))
-        terms = [Term("network_a2a", "bandwidth", net, False), Term("forward_a2a", "bandwidth", fwd, False),
-                 Term("sm_copy", "sm", copy, False)]
+    rate = sms * prof.sm_copy_gbs  # NCCL's channels copy what they send and what they receive
+    if hierarchical:  # the network all-to-all finishes before the forward one starts
+        net = max([t.us for t in links if t.name.startswith(("nic", "fabric"))]
+                  + [us(2 * ld.rows_stage * rb, rate)])
+        fwd = max([t.us for t in links if t.name.startswith("scaleup")]
+                  + [us(2 * ld.rows_forward * rb, rate)])
+        terms = [Term("network_a2a", "bandwidth", net, False), Term("forward_a2a", "bandwidth", fwd, False)]
     else:
-        terms = links + [Term("sm_copy", "sm", copy, True)]
+        terms = links + [Term("sm_copy", "sm", us(ld.rows_send_recv * rb, rate), True)]
     hbm = hw.gpu.hbm_gbs * _HBM_EFFICIENCY
     terms.append(Term("memory_passes", "compute",
                       us(prof.memory_passes * ld.rows_send_recv * rb, hbm), False))
