@@ -311,14 +311,14 @@ def format_calibration(rows: Sequence[CalibrationRow], cv: Optional[dict] = None
     for lst in (cv or {}).values():
         for r in lst:
             cvmap[r.published] = r.rel_error
-    head = (f"{'table':<15}{'preset':<9}{'EP':>4}{'SMs':>4}  {'phase':<9}{'metric':<11}{'published':>10}"
+    head = (f"{'table':<20}{'preset':<9}{'EP':>4}{'SMs':>4}  {'phase':<9}{'metric':<11}{'published':>10}"
             f"{'predicted':>10}{'fit err':>8}{'cv err':>8}  why")
     lines = ["Calibration against DeepEP's published tables (fit: shipped constants; cv: fitted "
              "without the row's table)", head, "-" * len(head)]
     for r in rows:
         p = r.published
         cve = f"{cvmap[p] * 100:>+7.1f}%" if p in cvmap else f"{'':>8}"
-        lines.append(f"{p.table:<15}{p.preset[:8]:<9}{p.ep:>4}{r.prediction.sms or '':>4}  {p.phase:<9}"
+        lines.append(f"{p.table:<20}{p.preset[:8]:<9}{p.ep:>4}{r.prediction.sms or '':>4}  {p.phase:<9}"
                      f"{p.metric:<11}{p.value:>10.1f}{r.predicted:>10.1f}{r.rel_error * 100:>+7.1f}%{cve}"
                      f"  {r.prediction.why}")
     for table in TABLES:
