@@ -532,6 +532,12 @@ def test_cli_table_json_and_errors(capsys):
     assert "must be a multiple of the scale-up domain size" in capsys.readouterr().err
     assert planner_cli.main(["--list-presets"]) == 0
     assert "ascend_910b" in capsys.readouterr().out
+    # The earlier --copy-channels N means 2N SMs.
+    assert planner_cli.main(["--ep", "16", "--tokens", "128", "--modes", "hierarchical", "--copy-channels",
+                             "3", "--json"]) == 0
+    assert {p["sms"] for p in json.loads(capsys.readouterr().out)["predictions"]} == {6}
+    assert planner_cli.main(["--sms", "4", "--copy-channels", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
     assert planner_cli.main(["--list-profiles"]) == 0
     out = capsys.readouterr().out
     assert "deepep_v2" in out and "flexep_nccl" in out and "[estimated]" in out

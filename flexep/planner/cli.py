@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flows (queue pairs) per peer, what ECMP hashes; default: the profile's")
     p.add_argument("--sms", type=int, default=None,
                    help="SMs of a normal-mode call (default: the profile's; DeepEP V2 sizes it)")
+    p.add_argument("--copy-channels", type=int, default=None,
+                   help="earlier name: kernel channels of 2 SMs each, same as --sms 2N")
     g = p.add_argument_group("model shape")
     g.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     g.add_argument("--hidden", type=int, default=7168)
@@ -105,6 +107,14 @@ def main(argv: Optional[list] = None) -> int:
             tag = "" if prof.calibrated else " [estimated]"
             print(f"{name:<14} {prof.description}{tag}")
         return 0
+    if args.copy_channels is not None:
+        if args.sms is not None:
+            print("flexep plan: error: give --sms or --copy-channels, not both", file=sys.stderr)
+            return 2
+        args.sms = 2 * args.copy_channels
+    if args.sms is not None and args.sms < 1:
+        print(f"flexep plan: error: --sms must be >= 1, got {args.sms}", file=sys.stderr)
+        return 2
     try:
         if args.calibrate:
             return _calibrate(args)
