@@ -5,8 +5,8 @@ spine, each at ``uplink_gbps``. A flow leaving its leaf takes uplink ``u`` to sp
 comes down the destination leaf's link ``u``. Flows between NICs under the same leaf never
 touch the spine.
 
-* **InfiniBand with adaptive routing** sprays packets over all paths: each leaf's cross traffic
-  spreads evenly over its ``U`` links (the fluid limit, no collisions).
+* **InfiniBand with adaptive routing**, and NICs that spray a flow's packets (EFA's SRD),
+  spread each leaf's cross traffic evenly over its ``U`` links (the fluid limit, no collisions).
 * **RoCE with ECMP** hashes each *flow* (a queue pair: its UDP source port) onto one path. A
   transfer that uses one queue pair per peer puts all of a peer's bytes on one random path, so
   a few links carry several flows while others idle; the phase ends when the most loaded link
@@ -78,7 +78,7 @@ def fabric_time_us(inter_flows: torch.Tensor, topo: Topology, fabric: Fabric, ch
         return FabricTime(0.0, 0.0, 0)
     num_leaves, links = int(leaf.max()) + 1, fabric.uplinks_per_leaf
     rate = fabric.uplink_gbs * 1e3  # bytes per us
-    if fabric.routing == "adaptive":
+    if fabric.routing in ("adaptive", "spray"):  # no per-flow hashing: the fluid limit
         up = torch.zeros(num_leaves, dtype=torch.float64).index_add_(0, leaf[src], nbytes)
         down = torch.zeros(num_leaves, dtype=torch.float64).index_add_(0, leaf[dst], nbytes)
         t = float(torch.maximum(up, down).max()) / links / rate

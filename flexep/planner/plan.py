@@ -2,29 +2,30 @@
 
 :func:`predict` samples one routing per rank for an EP size, counts its traffic with flexep's
 accounting (:mod:`flexep.planner.traffic`), adds the fabric's spine-link term
-(:mod:`flexep.planner.ecmp`) and times every phase with the link model
-(:mod:`flexep.planner.linkmodel`). :func:`plan` sweeps EP sizes and channel counts.
+(:mod:`flexep.planner.ecmp`) and times every phase with the model of
+:mod:`flexep.planner.model` for a hardware description and an implementation profile.
+:func:`plan` sweeps EP sizes and channel counts.
 
-Fixed costs: a normal call pays ``engine.launch_us`` plus one latency per hop (NVLink inside a
-node, the network across nodes, both for the hierarchical two-hop path); a low-latency call
-pays ``engine.ll_launch_us`` plus one hop latency.
+EP groups fill scale-up domains first: up to ``hw.scale_up.domain_size`` ranks the group is one
+domain (no NIC traffic); larger groups must be whole domains.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ..accounting import routing_flows
 from ..topology import Topology
 from .ecmp import fabric_time_us
 from .hardware import Hardware
-from .linkmodel import phase_time
+from .model import PhaseTime, phase_time
+from .profile import Profile, get_profile
 from .routing import Routing
-from .traffic import MODES, PHASES, mode_loads
+from .traffic import MODES, PHASES, Loads, mode_loads
 from .workload import ModelShape
 
-__all__ = ["Prediction", "predict", "plan", "topology_for"]
+__all__ = ["Prediction", "predict", "plan", "topology_for", "phase_loads", "predict_from_loads"]
 
 
 @dataclass(frozen=True)
@@ -32,36 +33,47 @@ class Prediction:
     """One predicted phase.
 
     Attributes:
-        ep, mode, phase, channels, copy_channels: what was predicted.
-        time_us: predicted time; ``fixed_us`` of it is launch and latency.
-        bottleneck: resource that sets the time (``nic_recv``, ``copy``, ``fabric``...).
-        terms_us: every resource's time on its slowest rank.
+        ep, mode, phase, channels: what was predicted (``channels``: flows per peer).
+        profile: the implementation profile's name; ``sms``: SMs the call used (0: n/a).
+        time_us: predicted time; ``fixed_us`` of it is additive (launch, latency, passes).
+        bottleneck: the term that sets the time (``nic_recv``, ``sm_forward``, ``launch``...).
+        why: the kinds of cost by share, e.g. ``bandwidth 81% (nic_recv), fixed 12% (launch)``.
+        shares: fraction of ``time_us`` per kind (bandwidth, ecmp, sm, issue, fixed, latency,
+            compute).
+        terms_us: every term's time.
         bandwidth_gbs: ``"rdma"`` and ``"nvl"``: bytes per rank as DeepEP's benchmarks count
             them over ``time_us`` (DeepEP's "bottleneck bandwidth"); ``"nic"``: the busiest
             NIC's actual bytes over ``time_us``.
-        bytes_per_rank: mean bytes one rank sends per resource (``nic``, ``intra``, ``copy``).
+        bytes_per_rank: the busiest rank's bytes per resource (``nic``, ``scaleup``).
         ecmp_slowdown: fabric term over the NIC term (1.0 when the spine is not the limit).
-        ranks_per_node: ranks per node of the EP group.
+        ranks_per_node: ranks per scale-up domain of the EP group.
+        counted: mean rows per rank as benchmarks count them (see :class:`~.traffic.Loads`).
+        row_bytes: bytes of one row (normal) or message (low latency).
     """
 
     ep: int
     mode: str
     phase: str
     channels: int
-    copy_channels: int
     time_us: float
     fixed_us: float
     bottleneck: str
+    profile: str = ""
+    sms: int = 0
+    why: str = ""
+    shares: dict = field(default_factory=dict)
     terms_us: dict = field(default_factory=dict)
     bandwidth_gbs: dict = field(default_factory=dict)
     bytes_per_rank: dict = field(default_factory=dict)
     ecmp_slowdown: float = 1.0
     ranks_per_node: int = 8
+    counted: dict = field(default_factory=dict)
+    row_bytes: float = 0.0
 
     @property
     def deepep_gbs(self) -> float:
-        """Bandwidth as DeepEP's tables report it: NVLink for one node, RDMA across nodes, the
-        per-selection bytes for low latency."""
+        """Bandwidth as DeepEP's tables report it: NVLink for one domain, RDMA across domains,
+        the per-selection bytes for low latency."""
         key = "nvl" if self.mode != "low_latency" and self.ep <= self.ranks_per_node else "rdma"
         return self.bandwidth_gbs[key]
 
@@ -70,88 +82,101 @@ class Prediction:
 
 
 def topology_for(hw: Hardware, ep: int) -> Topology:
-    """EP group shape on ``hw``: full nodes of ``hw.ranks_per_node`` ranks, or one partial node."""
-    if not isinstance(ep, int) or ep < 1:
+    """EP group shape on ``hw``: one scale-up domain up to its size, else whole domains."""
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
         raise ValueError(f"EP size must be a positive int, got {ep!r}")
-    per_node = min(ep, hw.ranks_per_node)
-    if ep % per_node:
-        raise ValueError(f"EP size {ep} must be a multiple of ranks_per_node ({hw.ranks_per_node}) "
-                         f"on {hw.name}")
-    return Topology(ep, per_node)
+    per_domain = min(ep, hw.domain_size)
+    if ep % per_domain:
+        raise ValueError(f"EP size {ep} must be a multiple of the scale-up domain size "
+                         f"({hw.domain_size}) on {hw.name}")
+    return Topology(ep, per_domain)
 
 
-def _fixed_us(hw: Hardware, topo: Topology, mode: str) -> float:
-    hop = hw.nic.latency_us if topo.is_multi_node else hw.intra.latency_us
-    if mode == "low_latency":
-        return hw.engine.ll_launch_us + hop
-    if mode == "hierarchical" and topo.is_multi_node:
-        hop += hw.intra.latency_us
-    return hw.engine.launch_us + hop
+def phase_loads(hw: Hardware, shape: ModelShape, routing: Routing, ep: int,
+                modes: Sequence[str] = MODES, capacity: int = 0, seed: int = 0,
+                distinct_tokens: int = 1 << 17) -> dict:
+    """``{(mode, phase): Loads}`` for one sampled routing of ``ep`` ranks on ``hw``.
 
-
-def predict(hw: Hardware, shape: ModelShape, routing: Routing, ep: int,
-            modes: Sequence[str] = MODES, channels: Sequence[Optional[int]] = (None,),
-            copy_channels: Optional[int] = None, seed: int = 0,
-            ecmp_samples: int = 32) -> list[Prediction]:
-    """Predictions for one EP size, every mode in ``modes`` and channel count in ``channels``,
-    both phases.
-
-    A channel is one flow (queue pair) per peer and, as in DeepEP, one copy unit of the kernel:
-    ``channels`` sets both. ``copy_channels`` pins the kernel's copy units instead (e.g. to
-    isolate the fabric's response to more flows per peer). ``None`` channels = the hardware's
-    ``engine.default_channels``.
+    ``capacity`` > 0 makes the low-latency mode fixed-capacity (flexep): that many rows per peer.
+    ``distinct_tokens`` bounds the tokens drawn (ranks beyond reuse earlier ranks' routings,
+    see :class:`~.routing.Routing`).
     """
     for m in modes:
         if m not in MODES:
             raise ValueError(f"modes must be drawn from {MODES}, got {m!r}")
     topo = topology_for(hw, ep)
     topk = routing.sample(ep, topo.ranks_per_node, shape.tokens_per_rank, shape.topk,
-                          shape.num_experts, seed=seed)
+                          shape.num_experts, seed=seed, max_distinct_tokens=distinct_tokens)
     flows = routing_flows(topk, shape.num_experts, topo)
+    server = hw.scale_up.server_size if hw.scale_up.server_size < topo.ranks_per_node else 0
+    return {(m, p): mode_loads(flows, topo, shape, m, p, server, capacity if m == "low_latency" else 0)
+            for m in modes for p in PHASES}
+
+
+def _fabric_us(ld: Loads, hw: Hardware, ep: int, channels: int, seed: int, samples: int) -> float:
+    if not ld.multi_domain or not float(ld.inter_flows.sum()):
+        return 0.0
+    topo = topology_for(hw, ep)
+    return fabric_time_us(ld.inter_flows, topo, hw.fabric, channels, samples=samples, seed=seed).mean_us
+
+
+def predict_from_loads(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, channels: int,
+                       fabric_us: float = 0.0, sms: Optional[int] = None) -> Prediction:
+    """The :class:`Prediction` of one phase whose loads (and ECMP term) are already known."""
+    t: PhaseTime = phase_time(ld, hw, prof, shape, fabric_us, sms)
+    total = t.total_us
+    token = shape.deepep_token_bytes(ld.phase)
+    if ld.mode == "low_latency":
+        sel = ld.counted["selections"] * ld.row_bytes
+        bw = {"rdma": sel / (total * 1e3), "nvl": sel / (total * 1e3)}
+    else:
+        bw = {"rdma": ld.counted["node_pairs"] * token / (total * 1e3),
+              "nvl": ld.counted["recv_rows"] * token / (total * 1e3)}
+    bw["nic"] = max(ld.nic_send, ld.nic_recv) / (total * 1e3)
+    terms = t.terms_us()
+    nic = max(terms.get("nic_send", 0.0), terms.get("nic_recv", 0.0))
+    slowdown = max(1.0, terms.get("fabric", 0.0) / nic) if nic > 0 else 1.0
+    return Prediction(
+        ep=ld.ep, mode=ld.mode, phase=ld.phase, channels=channels, time_us=total,
+        fixed_us=t.fixed_us, bottleneck=t.bottleneck, profile=prof.name, sms=t.sms, why=t.why(),
+        shares=t.shares(), terms_us=terms, bandwidth_gbs=bw,
+        bytes_per_rank={"nic": max(ld.nic_send, ld.nic_recv), "scaleup": max(ld.su_send, ld.su_recv)},
+        ecmp_slowdown=slowdown, ranks_per_node=min(ld.ep, hw.domain_size), counted=dict(ld.counted),
+        row_bytes=ld.row_bytes)
+
+
+def predict(hw: Hardware, shape: ModelShape, routing: Routing, ep: int,
+            modes: Sequence[str] = MODES, channels: Sequence[Optional[int]] = (None,),
+            profile: Union[str, Profile] = "deepep_v1", sms: Optional[int] = None, seed: int = 0,
+            ecmp_samples: int = 32) -> list[Prediction]:
+    """Predictions for one EP size, every mode in ``modes`` and channel count in ``channels``,
+    both phases, for implementation ``profile`` on ``hw``.
+
+    A channel is one flow (queue pair) per peer, what ECMP hashes; ``None`` = the profile's
+    ``qps_per_peer``. ``sms`` overrides the SMs of a normal-mode call.
+    """
+    prof = get_profile(profile)
+    capacity = shape.tokens_per_rank if prof.ll_capacity else 0
+    loads = phase_loads(hw, shape, routing, ep, modes, capacity, seed)
     out = []
     for ch in channels:
-        c = hw.engine.default_channels if ch is None else ch
+        c = prof.qps_per_peer if ch is None else ch
+        if not isinstance(c, int) or c < 1:
+            raise ValueError(f"channels must be ints >= 1, got {ch!r}")
         for mode in modes:
             for phase in PHASES:
-                out.append(_predict_phase(hw, topo, shape, flows, mode, phase, c,
-                                          copy_channels or c, seed, ecmp_samples))
+                ld = loads[mode, phase]
+                fab = _fabric_us(ld, hw, ep, c, seed, ecmp_samples)
+                out.append(predict_from_loads(ld, hw, prof, shape, c, fab, sms))
     return out
-
-
-def _predict_phase(hw, topo, shape, flows, mode, phase, channels, copy_channels, seed,
-                   samples) -> Prediction:
-    loads = mode_loads(flows, topo, shape, mode, phase, channels)
-    rates = {"nic_send": hw.nic.goodput_gbs, "nic_recv": hw.nic.goodput_gbs,
-             "intra_send": hw.intra.bandwidth_gbs, "intra_recv": hw.intra.bandwidth_gbs,
-             "copy": copy_channels * hw.engine.copy_gbs_per_channel}
-    per_rank = {"nic_send": loads.nic_send, "nic_recv": loads.nic_recv,
-                "intra_send": loads.intra_send, "intra_recv": loads.intra_recv}
-    if mode != "low_latency":  # low-latency kernels use every SM: no channel copy limit
-        per_rank["copy"] = loads.copy
-    shared = {}
-    if topo.is_multi_node:
-        shared["fabric"] = fabric_time_us(loads.inter_flows, topo, hw.fabric, channels,
-                                          samples=samples, seed=seed).mean_us
-    t = phase_time(per_rank, rates, _fixed_us(hw, topo, mode), loads.messages, hw.engine.message_us,
-                   shared)
-    nic = max(t.terms_us["nic_send"], t.terms_us["nic_recv"])
-    slowdown = max(1.0, shared.get("fabric", 0.0) / nic) if nic > 0 else 1.0
-    bw = {k: float(v.mean()) / (t.total_us * 1e3) for k, v in loads.counted.items()}
-    bw["nic"] = float(max(loads.nic_send.max(), loads.nic_recv.max())) / (t.total_us * 1e3)
-    return Prediction(
-        ep=topo.world_size, mode=mode, phase=phase, channels=channels,
-        copy_channels=copy_channels, time_us=t.total_us,
-        fixed_us=t.fixed_us, bottleneck=t.bottleneck, terms_us=t.terms_us, bandwidth_gbs=bw,
-        bytes_per_rank={"nic": float(loads.nic_send.mean()), "intra": float(loads.intra_send.mean()),
-                        "copy": float(loads.copy.mean())},
-        ecmp_slowdown=slowdown, ranks_per_node=topo.ranks_per_node)
 
 
 def plan(hw: Hardware, shape: ModelShape, routing: Routing, ep_sizes: Sequence[int],
          modes: Sequence[str] = MODES, channels: Sequence[Optional[int]] = (None,),
-         copy_channels: Optional[int] = None, seed: int = 0) -> list[Prediction]:
+         profile: Union[str, Profile] = "deepep_v1", sms: Optional[int] = None,
+         seed: int = 0) -> list[Prediction]:
     """:func:`predict` for every EP size in ``ep_sizes`` (each sampled once, shared by modes)."""
     out: list[Prediction] = []
     for ep in ep_sizes:
-        out += predict(hw, shape, routing, ep, modes, channels, copy_channels, seed)
+        out += predict(hw, shape, routing, ep, modes, channels, profile, sms, seed)
     return out

@@ -1,5 +1,6 @@
-"""PNG plot of predictions: time and DeepEP-style bandwidth versus EP size, one line per
-(preset, mode, phase), DeepEP's published points overlaid. matplotlib is imported here only.
+"""PNG plots: predictions (time and DeepEP-style bandwidth versus EP size, one line per
+(preset, mode, phase), DeepEP's published points overlaid) and the calibration (predicted
+against published). matplotlib is imported here only.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 from .calibration import PublishedRow
 from .plan import Prediction
 
-__all__ = ["plot_predictions"]
+__all__ = ["plot_predictions", "plot_calibration"]
 
 _MODE_LABEL = {"flat": "normal flat", "hierarchical": "normal hierarchical", "low_latency": "low latency"}
 _COLORS = {"flat": "tab:blue", "hierarchical": "tab:orange", "low_latency": "tab:green"}
@@ -19,13 +20,7 @@ def plot_predictions(series: Sequence[tuple[str, Prediction]], path: str,
                      published: Sequence[PublishedRow] = (), title: str = "") -> str:
     """Write ``path`` (PNG). ``series``: ``(preset name, prediction)`` pairs; ``published``:
     rows drawn as markers (normal-table bandwidths, low-latency latencies and bandwidths)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # optional dependency: say how to get it
-        raise RuntimeError("--plot needs matplotlib: pip install 'flexep[plot]'") from exc
+    plt = _pyplot()
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(13, 5.2))
     presets = sorted({name for name, _ in series})
     styles = ["-", ":", "-.", (0, (5, 1))]
@@ -68,17 +63,57 @@ def plot_predictions(series: Sequence[tuple[str, Prediction]], path: str,
     return path
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # optional dependency: say how to get it
+        raise RuntimeError("--plot needs matplotlib: pip install 'flexep[plot]'") from exc
+    return plt
+
+
+def plot_calibration(rows: Sequence, path: str) -> str:
+    """Write ``path`` (PNG): predicted against published for every calibration row, one marker
+    per table, with the +-15% and +-25% bands."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 6))
+    markers = {"v1_normal": "*", "v1_low_latency": "D", "v2_normal": "o"}
+    for table, marker in markers.items():
+        pts = [(r.published.value, r.predicted) for r in rows if r.published.table == table]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, label=table, s=40)
+    lo = min(min(r.published.value, r.predicted) for r in rows) * 0.8
+    hi = max(max(r.published.value, r.predicted) for r in rows) * 1.2
+    for f, style in ((1.0, "-"), (1.15, "--"), (1 / 1.15, "--"), (1.25, ":"), (1 / 1.25, ":")):
+        ax.plot([lo, hi], [lo * f, hi * f], color="grey", linestyle=style, linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("published (GB/s or us)")
+    ax.set_ylabel("predicted")
+    ax.set_title("flexep plan vs DeepEP's published tables")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _overlay(ax_t, ax_b, published: Optional[Sequence[PublishedRow]]) -> None:
     """Published points as black/grey markers: filled = dispatch, hollow = combine."""
     for row in published or ():
-        mode = "hierarchical" if row.table == "normal" else "low_latency"
+        normal = row.table.endswith("normal")
+        mode = "hierarchical" if normal else "low_latency"
         filled = row.phase == "dispatch"
-        kw = dict(marker="*" if row.table == "normal" else "D", s=70 if row.table == "normal" else 40,
+        kw = dict(marker="*" if normal else "D", s=70 if normal else 40,
                   facecolors=_COLORS[mode] if filled else "none", edgecolors="black", zorder=5,
                   linewidths=1.0)
+        if row.metric not in ("latency_us", "nvl_gbs", "rdma_gbs", "ll_gbs"):
+            continue
         ax = ax_t if row.metric == "latency_us" else ax_b
         ax.scatter([row.ep], [row.value], **kw)
-    tables = {row.table for row in published or ()}
+    tables = {"normal" if row.table.endswith("normal") else "low_latency" for row in published or ()}
     if "normal" in tables:
         ax_b.scatter([], [], marker="*", s=70, facecolors="grey", edgecolors="black",
                      label="DeepEP published, normal (filled dispatch, hollow combine)")
