@@ -3,72 +3,100 @@ device mistakes.
 
 flexep must run on ``cuda`` (NCCL), ``npu`` (HCCL) and ``xpu`` (XCCL) tensors, but this machine
 has no accelerator. This harness makes one up, strictly enough that code which would fail on a
-GPU fails here, and says where:
+GPU fails here, and says where (the op, the devices, the library frames). Usage::
 
-* **Device tensors** (:mod:`emulation_tensor`): :class:`DeviceTensor` reports ``cuda:N`` or
-  ``npu:0`` and keeps its values in a CPU tensor. Ops follow real CUDA's device rules (mixing a
-  non-scalar CPU tensor with device tensors raises "Expected all tensors to be on the same
-  device", except where CUDA allows it: 0-dim CPU scalars in pointwise ops, CPU indices of
-  ``x[idx]``/``index_put_``, copies), and device-to-host reads are reported to
-  :func:`host_reads` guards.
-* **Factories** (:class:`DeviceMode`, a ``TorchFunctionMode`` active in each worker):
-  ``torch.empty/zeros/ones/full/arange/tensor/..._like(..., device=dev)``, ``new_*``,
-  ``t.to(dev)``, ``t.cuda()``/``t.npu()`` and ``Module.to(dev)`` produce device tensors. For
-  ``npu`` the factories are also registered as PrivateUse1 kernels, so allocations inside an
-  autograd backward (which runs on the engine's device thread, outside the mode) work as well.
-* **An NCCL-like group** (:mod:`emulation_group`): backend ``"emul"``; the default group of every
-  worker, so the EP group a test hands to ``Buffer`` is accelerator-only, like the NCCL group
-  Megatron, vLLM or SGLang pass. It refuses CPU tensors with NCCL's own message.
-* **Host-read guard** (:func:`host_reads`): counts, or forbids, ``.item()``, ``.tolist()``,
-  ``.cpu()``, ``bool()``, ``torch.equal``, printing, ``nonzero``, boolean-mask indexing,
-  ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``, D2H copies, and the
-  emulated device module's ``synchronize()``.
-* **A runner** (:func:`run_emulated`) on :func:`flexep.launch.run_local`: spawned ranks, each
-  with the emulation set up; every join has a deadline.
+    from emulation import run_emulated, current_session, host_reads
 
-Streams and events, by device type:
+    def fn(rank, world):                       # module level: it is sent to spawned ranks
+        dev = current_session().device         # cuda:<rank> (one node of ``world`` GPUs)
+        buf = flexep.Buffer(dist.group.WORLD)  # WORLD is the accelerator-only "emul" group
+        with host_reads(forbid=True):          # any device-to-host read raises, with its frame
+            out = ...
+        return out.cpu()                       # host copies only, outside the guard
 
-* ``cuda``: ``torch.cuda.is_available()`` stays False (this is a CPU build) and every
-  ``torch.cuda`` runtime call (streams, events, ``synchronize``, ``current_device``) raises
-  "Torch not compiled with CUDA enabled". The contract this checks: code holding a ``cuda``
-  tensor must not *need* the CUDA runtime; it resolves its device module from the tensor and
-  treats a device whose module reports unavailable as synchronous. Hard-coded ``torch.cuda``
-  calls on a device path fail here, as they would on an NPU.
-* ``npu``: ``torch.npu`` is a synchronous device module that reports itself available, with
-  ``Stream``/``Event``/``current_stream``/``synchronize`` (all complete at once; ``synchronize``
-  and ``Event.synchronize`` count as host syncs). This checks the path that does use streams.
+    results = run_emulated(fn, world_size=2, device_type="cuda", extra_device_types=("npu",))
+
+The pieces, one module each:
+
+* :mod:`emulation_tensor`: :class:`DeviceTensor` reports ``cuda:N`` or ``npu:0`` and keeps its
+  values in a CPU tensor. Ops follow real CUDA's device rules: mixing a non-scalar CPU tensor
+  with device tensors raises "Expected all tensors to be on the same device", except where CUDA
+  allows it (0-dim CPU scalars in pointwise ops, CPU indices of ``x[idx]``/``index_put_``,
+  copies: ``dev.copy_(cpu)`` is a host-to-device copy, ``cpu.copy_(dev)`` and ``.cpu()``
+  device-to-host); ``cuda:0`` and ``cuda:1`` meet only in a copy. :mod:`emulation_indexing`
+  re-implements the few C++ methods that need a CUDA device guard.
+* :mod:`emulation_core`: errors, caller frames, and the host-read guard :func:`host_reads`,
+  which counts or forbids ``.item()``, ``int()``/``bool()``, ``.tolist()``, ``.cpu()``, D2H
+  copies, ``torch.equal``, printing, ``torch.save``, ``nonzero``, boolean-mask indexing with a
+  device mask, ``masked_select``, ``unique``, ``bincount`` (CUDA's reads min and max),
+  ``repeat_interleave`` without ``output_size``, and the emulated ``synchronize()``.
+* :class:`DeviceMode` (a ``TorchFunctionMode`` active in each worker): factories with
+  ``device=`` (``torch.empty/zeros/ones/full/arange/tensor/randn/..._like``), ``new_*``,
+  ``t.to(dev)``, ``t.cuda()``/``t.npu()`` and ``Module.to(dev)`` produce device tensors
+  (host-to-device copies are counted as uploads, never forbidden).
+* :mod:`emulation_npu`: ``npu`` is PyTorch's PrivateUse1 key renamed, with a synchronous
+  ``torch.npu`` module; factories are also registered as device kernels (C++ composites, npu
+  backward).
+* :mod:`emulation_group`: backend ``"emul"``, an NCCL-like Python process group bound to one
+  device type, refusing host tensors with NCCL's own message ("No backend type associated with
+  device type cpu") and exchanging device data on a private Gloo group. It is the default
+  group of every worker, so the EP group a test hands to ``Buffer`` is accelerator-only, like
+  the NCCL group Megatron, vLLM or SGLang pass; ``new_group(ranks)`` builds more of them and
+  ``new_group(backend="gloo")`` still gives a CPU group (a legitimate control plane).
+* :func:`run_emulated` on :func:`flexep.launch.run_local`: spawned ranks, each set up by
+  :func:`worker_session`; every join has a deadline, and an emulation error the code under
+  test caught and swallowed still fails the rank (:func:`check_clean`).
+
+Streams, events and autograd, by device type:
+
+* ``cuda``: ``torch.cuda.is_available()`` stays False (this is a CPU build) and ``torch.cuda``
+  runtime calls (streams, events, ``synchronize``, ``current_device``) raise "Torch not compiled
+  with CUDA enabled". The contract this checks: code holding a ``cuda`` tensor must not *need*
+  the CUDA runtime; it resolves its device module from the tensor and treats a device whose
+  module reports unavailable as synchronous. One query is answered, because
+  ``torch.distributed.broadcast`` itself asks it: ``get_device_capability`` (an sm90 device).
+  Autograd on ``cuda`` is forward-only: recording history for a ``cuda`` tensor would abort a
+  CPU-only build, so ops run without history and mark their outputs ``requires_grad``; a
+  backward through ``cuda`` tensors, or carrying them with history to the host, raises
+  :class:`EmulationLimitError`. Gradient checks run on ``npu``.
+* ``npu``: ``torch.npu`` reports itself available, with ``Stream``/``Event``/
+  ``current_stream``/``synchronize`` that complete at once (``synchronize`` and
+  ``Event.synchronize`` count as host syncs); the autograd engine runs backward through
+  ``npu`` tensors on its device thread. This checks the path that does use streams.
 
 Known limits: execution is synchronous (no stream races, no CUDA graphs, no caching-allocator
-reuse bugs); CPU kernels decide numerics (bf16 rounding may differ from a GPU); Gloo's dtype
-rules replace NCCL's; autograd backward works only for ``npu`` tensors (``cuda`` backward needs
-a CUDA device guard the CPU build lacks; the harness raises :class:`EmulationLimitError` instead
-of letting the engine crash); resizing a device tensor in place (``out=`` of the wrong size,
-``resize_``) is not emulated; ``torch.set_default_device``, CUDA generators and pinned memory are
-not emulated. A real accelerator run remains the only proof of speed and stream correctness.
+reuse bugs, stream ordering of events is not checked); CPU kernels decide numerics (bf16
+rounding may differ from a GPU); Gloo's dtype rules replace NCCL's; resizing a device tensor in
+place (``out=`` of the wrong size, ``resize_``) raises :class:`EmulationLimitError`;
+``Module.to`` builds new ``Parameter`` objects; ``torch.set_default_device``, CUDA generators,
+pinned memory (``pin_memory()`` is a no-op), CUDA graphs and ``torch.compile`` are not emulated;
+0-dim CPU tensors are accepted in every pointwise op (CUDA accepts them in TensorIterator ops),
+a few non-pointwise TensorIterator ops may be refused. A real accelerator run remains the only
+proof of speed and stream correctness.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import emulation_core as core
 import emulation_group
+import emulation_npu
 import emulation_tensor as et
 import torch
 import torch.distributed as dist
-from emulation_tensor import (
+from emulation_core import (
     DeviceMismatchError,
-    DeviceTensor,
     EmulationError,
     EmulationLimitError,
     HostReadError,
     HostReads,
     host_reads,
-    is_device_tensor,
 )
+from emulation_tensor import DeviceTensor, is_device_tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -87,22 +115,40 @@ EMULATED_TYPES = ("cuda", "npu")
 class Session:
     """What this process emulates.
 
-    ``device_types``: emulated types (the first is the primary one, e.g. ``("cuda", "npu")``).
-    ``index``/``count``: per type, this process's current device index and the devices it sees
-    (``cuda:local_rank`` of ``devices_per_node`` like a multi-GPU node; ``npu:0`` of one, like a
-    process that sees one NPU). ``errors``: every :class:`EmulationError` raised since the last
-    check, including ones the code under test caught.
+    ``device_types``: emulated types, e.g. ``("cuda", "npu")``. ``primary``: the type groups are
+    created for (an ``"emul"`` group is bound to one device type, like NCCL to ``cuda`` and HCCL
+    to ``npu``); the first type unless changed with :meth:`use`. ``index``/``count``: per type,
+    this process's current device index and the devices it sees (``cuda:local_rank`` of
+    ``devices_per_node`` like a multi-GPU node; ``npu:0`` of one, like a process that sees one
+    NPU). ``errors``: every :class:`EmulationError` raised since the last check, including ones
+    the code under test caught.
     """
 
     device_types: tuple
     index: dict
     count: dict
     errors: list = field(default_factory=list)
+    primary: str = ""
+
+    def __post_init__(self) -> None:
+        self.primary = self.primary or self.device_types[0]
 
     @property
     def device(self) -> torch.device:
         """This rank's device of the primary type."""
-        return self.resolve(torch.device(self.device_types[0]))
+        return self.resolve(torch.device(self.primary))
+
+    @contextlib.contextmanager
+    def use(self, device_type: str) -> Iterator[torch.device]:
+        """Make ``device_type`` primary while the block runs: the groups created in it (also by
+        the code under test) are bound to it. Yields this rank's device of that type."""
+        if device_type not in self.device_types:
+            raise ValueError(f"{device_type!r} is not emulated here ({self.device_types})")
+        before, self.primary = self.primary, device_type
+        try:
+            yield self.device
+        finally:
+            self.primary = before
 
     def resolve(self, device) -> torch.device:
         """``cuda`` -> ``cuda:<current>``; an index out of range raises like CUDA."""
@@ -128,7 +174,7 @@ class Session:
 @contextlib.contextmanager
 def expected_errors() -> Iterator[None]:
     """Errors raised inside this block are the test's intent: forget them (see ``Session.errors``)."""
-    session = et.current_session()
+    session = core.current_session()
     start = len(session.errors) if session else 0
     try:
         yield
@@ -179,7 +225,7 @@ class DeviceMode(TorchFunctionMode):
         kwargs["device"] = "cpu"
         out = func(*args, **kwargs)
         if func in _FROM_HOST_DATA:
-            et.report_upload(f"{getattr(func, '__name__', func)}(host data, device={target})", out)
+            core.report_upload(f"{getattr(func, '__name__', func)}(host data, device={target})", out)
         return _wrap_all(out, target, requires_grad)
 
     def _new(self, func, args, kwargs):
@@ -193,7 +239,7 @@ class DeviceMode(TorchFunctionMode):
         base = self_._data if is_device_tensor(self_) else self_
         out = func(base, *args[1:], **kwargs)
         if func is torch.Tensor.new_tensor:
-            et.report_upload(f"new_tensor(host data, device={target})", out)
+            core.report_upload(f"new_tensor(host data, device={target})", out)
         return _wrap_all(out, target, requires_grad)
 
     def _to(self, func, args, kwargs):
@@ -217,12 +263,14 @@ class DeviceMode(TorchFunctionMode):
                 kwargs["copy"] = True
             return func(*args, **kwargs)
         target = self.session.resolve(target)
-        if target.type == "cuda" and self_.requires_grad and torch.is_grad_enabled():
-            et._refuse_cuda_autograd(func, (DeviceTensor(torch.empty(0), target).requires_grad_(),), {})
         if is_device_tensor(self_) and self_.device == target:
             return self_.to(dtype=dtype or self_.dtype, memory_format=fmt or torch.preserve_format,
                             non_blocking=non_blocking, copy=copy)
-        return _ToDevice.apply(self_, target, dtype or self_.dtype, fmt or torch.preserve_format)
+        args = (self_, target, dtype or self_.dtype, fmt or torch.preserve_format)
+        if target.type == "cuda" and self_.requires_grad and torch.is_grad_enabled():
+            with torch.no_grad():  # forward-only cuda autograd (see emulation_tensor._cuda_history)
+                return et.mark_requires_grad(_ToDevice.apply(*args), args)
+        return _ToDevice.apply(*args)
 
 
 class _ToDevice(torch.autograd.Function):
@@ -234,7 +282,7 @@ class _ToDevice(torch.autograd.Function):
         if is_device_tensor(x):
             data = x._data.to(dtype=dtype, memory_format=memory_format, copy=True)
         else:
-            et.report_upload(f".to({target}) of a host tensor", x)
+            core.report_upload(f".to({target}) of a host tensor", x)
             data = x.detach().to(dtype=dtype, memory_format=memory_format, copy=True)
         return DeviceTensor(data, target)
 
@@ -252,176 +300,26 @@ def _wrap_all(out, target: torch.device, requires_grad: bool = False):
     return out
 
 
-# ---- npu: PyTorch's PrivateUse1 key renamed, with a synchronous device module -----------------
-class _Stream:
-    """A stream on a synchronous device: every call completes before it returns."""
-
-    def __init__(self, device=None, priority: int = 0, **_: Any) -> None:
-        self.priority = priority
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("npu", 0)
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def record_event(self, event=None):
-        event = event or _Event()
-        event.record(self)
-        return event
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        et._report_read("synchronize", "Stream.synchronize() blocks the host", torch.empty(0))
-
-
-class _Event:
-    def __init__(self, enable_timing: bool = False, blocking: bool = False,
-                 interprocess: bool = False) -> None:
-        self.recorded = False
-
-    def record(self, stream=None) -> None:
-        self.recorded = True
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        et._report_read("synchronize", "Event.synchronize() blocks the host", torch.empty(0))
-
-    def elapsed_time(self, end) -> float:
-        return 0.0
-
-
-class _NpuModule:
-    """``torch.npu`` of the emulation: one synchronous device, streams and events that are done."""
-
-    Stream = _Stream
-    Event = _Event
-
-    def __init__(self) -> None:
-        self._stream = _Stream()
-
-    def is_available(self) -> bool:
-        return True
-
-    def is_initialized(self) -> bool:
-        return True
-
-    def _is_in_bad_fork(self) -> bool:
-        return False
-
-    def _lazy_init(self) -> None:
-        pass
-
-    def device_count(self) -> int:
-        return 1
-
-    def current_device(self) -> int:
-        return 0
-
-    def set_device(self, device) -> None:
-        index = device if isinstance(device, int) else torch.device(device).index or 0
-        if index != 0:
-            raise RuntimeError(f"NPU error: invalid device ordinal {index} (this process sees one npu)")
-
-    def synchronize(self, device=None) -> None:
-        et._report_read("synchronize", "torch.npu.synchronize() blocks the host", torch.empty(0))
-
-    def current_stream(self, device=None) -> _Stream:
-        return self._stream
-
-    def default_stream(self, device=None) -> _Stream:
-        return self._stream
-
-    def set_stream(self, stream) -> None:
-        pass
-
-    def stream(self, stream=None):
-        return contextlib.nullcontext(stream)
-
-    def manual_seed(self, seed: int) -> None:
-        pass
-
-    def manual_seed_all(self, seed: int) -> None:
-        pass
-
-    def get_device_name(self, device=None) -> str:
-        return "emulated npu"
-
-    def is_bf16_supported(self) -> bool:
-        return True
-
-    def empty_cache(self) -> None:
-        pass
-
-
-# Factories as kernels of the device's dispatch key, for allocations the mode never sees: C++
-# composites (``torch.where(c, x, 2.0)`` makes a scalar tensor with ``x.options()``) and, for
-# npu, an autograd backward (it runs on the engine's device thread, outside the mode). The ones
-# that decompose into an ``out=`` resize (arange, randperm, ...) are registered whole.
-_FACTORIES = ("empty.memory_format", "empty_strided", "arange", "arange.start", "arange.start_step",
-              "linspace", "randperm", "eye", "eye.m", "full", "zeros", "ones", "scalar_tensor")
-_npu_library: Optional[torch.library.Library] = None
-
-
-def _factory_library(key: str) -> torch.library.Library:
-    lib = torch.library.Library("aten", "IMPL")
-    for name in _FACTORIES:
-        packet, _, overload = name.partition(".")
-        lib.impl(name, _device_factory(getattr(getattr(torch.ops.aten, packet), overload or "default")), key)
-    return lib
-
-
-def _device_factory(op):
-    def kernel(*args, **kwargs):
-        target = torch.device(kwargs.get("device"))
-        session = et.current_session()
-        if session is None:
-            raise EmulationLimitError(f"{op} on {target} outside an emulated session")
-        kwargs["device"] = torch.device("cpu")
-        return DeviceTensor(op(*args, **kwargs), session.resolve(target))
-
-    return kernel
-
-
+# ---- cuda autograd: forward-only, backward refused (the CPU build has no CUDA device guard) ----
 @contextlib.contextmanager
-def _npu_accelerator_synchronize() -> Iterator[None]:
-    """``torch.accelerator.synchronize()`` reaches PyTorch's dummy PrivateUse1 guard, which cannot
-    synchronize; route it to the emulated module (a host sync, reported as such)."""
-    original = torch.accelerator.synchronize
+def _forward_only_cuda_functions() -> Iterator[None]:
+    """A custom ``autograd.Function`` with a ``cuda`` input that requires grad would record history
+    for its ``cuda`` outputs, which aborts the process on a CPU build: run it under ``no_grad`` and
+    mark its outputs instead (as :mod:`emulation_tensor` does for every op)."""
+    function = torch.autograd.Function
+    original = function.__dict__["apply"].__func__
 
-    def synchronize(device=None):
-        acc = torch.accelerator.current_accelerator()
-        if acc is not None and acc.type == "npu":
-            return torch.npu.synchronize(device)
-        return original(device)
+    def apply(cls, *args, **kwargs):
+        if not et.cuda_history_inputs(args, kwargs):
+            return original(cls, *args, **kwargs)
+        with torch.no_grad():
+            return et.mark_requires_grad(original(cls, *args, **kwargs), args)
 
-    torch.accelerator.synchronize = synchronize
+    function.apply = classmethod(apply)
     try:
         yield
     finally:
-        torch.accelerator.synchronize = original
-
-
-def _install_npu() -> None:
-    """Rename PrivateUse1 to ``npu`` (once per process; PyTorch cannot undo it)."""
-    global _npu_library
-    if _npu_library is not None:
-        return
-    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
-
-    _setup_privateuseone_for_python_backend(rename="npu", backend_module=_NpuModule())
-    _npu_library = _factory_library("PrivateUse1")
+        function.apply = classmethod(original)
 
 
 # ---- cuda backward: refuse clearly instead of crashing the autograd engine ---------------------
@@ -518,28 +416,31 @@ def emulate(device_types: Sequence[str] = ("cuda",), *, index: Optional[dict] = 
     unknown = [t for t in types if t not in EMULATED_TYPES]
     if unknown or not types:
         raise ValueError(f"device_types must be a non-empty subset of {EMULATED_TYPES}, got {types}")
-    if et.current_session() is not None:
+    if core.current_session() is not None:
         raise RuntimeError("an emulation session is already active in this process")
     session = Session(types, {t: 0 for t in types} | dict(index or {}),
                       {t: 1 for t in types} | dict(count or {}))
     if "npu" in types:
-        _install_npu()
-    cuda_library = _factory_library("CUDA") if "cuda" in types else None
-    et.set_session(session)
+        emulation_npu.install()
+    cuda_library = emulation_npu.factory_library("CUDA") if "cuda" in types else None
+    core.set_session(session)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(DeviceMode(session))
             stack.enter_context(_refuse_cuda_backward())
+            if "cuda" in types:
+                stack.enter_context(_forward_only_cuda_functions())
             stack.enter_context(_object_collectives_without_numpy())
             stack.enter_context(_modules_swap_parameters())
             stack.enter_context(torch.serialization.safe_globals([et._rebuild]))
+            stack.enter_context(et.saved_on_device())
             if "npu" in types:
-                stack.enter_context(_npu_accelerator_synchronize())
+                stack.enter_context(emulation_npu.accelerator_synchronize())
             if "cuda" in types:
                 stack.enter_context(_answer_cuda_capability(session))
             yield session
     finally:
-        et.set_session(None)
+        core.set_session(None)
         if cuda_library is not None:
             cuda_library._destroy()
 
@@ -631,9 +532,4 @@ def run_emulated(fn: Callable[..., Any], world_size: int, device_type: str = "cu
 
 def current_session() -> Optional[Session]:
     """The session of this process (None outside an emulated worker)."""
-    return et.current_session()
-
-
-def format_exception() -> str:
-    """The current exception's traceback (for scenario runners that collect failures)."""
-    return traceback.format_exc()
+    return core.current_session()

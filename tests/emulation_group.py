@@ -2,11 +2,12 @@
 
 :class:`EmulatedProcessGroup` is a pure-Python ``torch.distributed.ProcessGroup`` registered as
 backend ``"emul"`` for the emulated device types (``Backend.register_backend(..., devices=[...])``).
-Like NCCL it refuses any tensor that is not on this rank's accelerator device, with NCCL's
-message (``No backend type associated with device type cpu``); accepted tensors are unwrapped
-to their CPU data and exchanged on a private Gloo group over the same store, so the exchange is
-real and zero-copy (Gloo writes straight into the device tensors' data). The ``Work`` objects are
-Gloo's: ``wait(timeout)`` behaves as on Gloo.
+Each group is bound to the session's primary device type when it is created (as NCCL is to
+``cuda``, HCCL to ``npu``). Like NCCL it refuses any tensor that is not on this rank's device of
+that type, with NCCL's message (``No backend type associated with device type cpu``); accepted
+tensors are unwrapped to their CPU data and exchanged on a private Gloo group over the same
+store, so the exchange is real and zero-copy (Gloo writes straight into the device tensors'
+data). The ``Work`` objects are Gloo's: ``wait(timeout)`` behaves as on Gloo.
 
 What ``torch.distributed`` 2.13 routes to a Python group: ``all_to_all_single``,
 ``all_gather_single`` (``all_gather_into_tensor``), ``allgather``, ``allreduce``,
@@ -25,7 +26,8 @@ import datetime
 
 import torch
 import torch.distributed as dist
-from emulation_tensor import DeviceTensor, EmulationError, caller_frames, current_session, format_frames
+from emulation_core import EmulationError, caller_frames, current_session, format_frames
+from emulation_tensor import DeviceTensor
 
 __all__ = ["EmulatedProcessGroup", "NotOnDeviceError", "BACKEND", "register_backend"]
 
@@ -42,13 +44,14 @@ class EmulatedProcessGroup(dist.ProcessGroup):
     def __init__(self, store, rank: int, size: int, timeout: datetime.timedelta) -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
+        session = current_session()
+        self.device_type = session.primary if session is not None else "cuda"  # bound, like NCCL
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("emul-gloo/", store), rank, size, timeout)
 
     # ---- what torch.distributed asks a group about itself ----------------------------------
     @property
     def _device_types(self) -> list:
-        session = current_session()
-        return [torch.device(t) for t in session.device_types] if session else []
+        return [torch.device(self.device_type)]
 
     def getBackendName(self) -> str:  # noqa: N802 - ProcessGroup's name
         return BACKEND
@@ -61,19 +64,19 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         """The CPU data of ``tensors``; raises like NCCL for anything not on this rank's device."""
         out = []
         for t in tensors:
-            if not isinstance(t, DeviceTensor):
+            if not isinstance(t, DeviceTensor) or t.device.type != self.device_type:
                 raise NotOnDeviceError(
                     f"No backend type associated with device type {t.device.type} (emulated NCCL-like "
                     f"group '{BACKEND}', {op}): got a {t.device} {str(t.dtype).replace('torch.', '')}"
-                    f"{list(t.shape)} tensor; an accelerator group (NCCL, HCCL, XCCL) only moves "
-                    "tensors on its device\n  library frames (innermost last):\n"
+                    f"{list(t.shape)} tensor; this accelerator group (like NCCL, HCCL, XCCL) only moves "
+                    f"{self.device_type} tensors\n  library frames (innermost last):\n"
                     f"{format_frames(caller_frames())}")
             session = current_session()
-            mine = session.resolve(torch.device(t.device.type)) if session else t.device
+            mine = session.resolve(torch.device(self.device_type)) if session else t.device
             if t.device != mine:
                 raise NotOnDeviceError(
-                    f"emulated NCCL-like group ({op}): tensor on {t.device}, but this rank's device is "
-                    f"{mine}; a communicator moves tensors of its own device only\n"
+                    f"emulated NCCL-like group ({op}): tensor on {t.device}, but this group's device on "
+                    f"this rank is {mine}; a communicator moves tensors of its own device only\n"
                     f"  library frames (innermost last):\n{format_frames(caller_frames())}")
             out.append(t._data)
         return out

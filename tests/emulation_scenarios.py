@@ -14,6 +14,7 @@ per rank, H hidden, K top-k, E experts, W ranks, L = E / W, M low-latency capaci
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 import zlib
@@ -270,6 +271,7 @@ def autograd_backward(rank: int, world: int, kind: str = "npu", **buffer_kw) -> 
     w.requires_grad_(True)
     buf = flexep.Buffer(ep_group(world), timeout=TIMEOUT, **buffer_kw)
     recv_x, _, recv_w, _, handle = flexep.autograd.dispatch(buf, x, topk, w, AG_EXPERTS)
+    expect_on(dev, recv_x=recv_x, recv_topk_weights=recv_w)
     y = recv_x * (1.0 + recv_w.double().sum(1, keepdim=True))
     loss = (flexep.autograd.combine(buf, y, handle) * g).sum()
     loss.backward()
@@ -339,7 +341,9 @@ def group_refuses_host_tensors(rank: int, world: int) -> dict:
                          ("all_to_all_single", lambda: dist.all_to_all_single(
                              torch.empty(world), torch.ones(world), group=group)),
                          ("all_gather_into_tensor", lambda: dist.all_gather_into_tensor(
-                             torch.empty(world), torch.ones(1), group=group))):
+                             torch.empty(world), torch.ones(1), group=group)),
+                         ("npu tensor on a cuda group", lambda: dist.all_reduce(
+                             torch.ones(2, device=device("npu")), group=group))):
             try:
                 call()
                 refused[op] = None
@@ -354,14 +358,25 @@ def group_refuses_host_tensors(rank: int, world: int) -> dict:
 
 
 # ---- the scenario runner ------------------------------------------------------------------------
+def _device_type(fn, kwargs: dict) -> str:
+    """The ``kind`` a scenario runs on (its argument, else its default, else ``cuda``)."""
+    param = inspect.signature(fn).parameters.get("kind")
+    return kwargs.get("kind") or (param.default if param is not None else "cuda")
+
+
 def run_scenarios(rank: int, world: int, scenarios: dict) -> dict:
-    """Run ``{name: (fn, kwargs)}`` in order; ``{name: ("ok", value) | ("error", traceback)}``."""
+    """Run ``{name: (fn, kwargs)}`` in order; ``{name: ("ok", value) | ("error", traceback)}``.
+
+    A scenario runs with its device type primary (:meth:`emulation.Session.use`), so the groups
+    it and the library create are bound to that type, as an HCCL group is to ``npu``.
+    """
     session = em.current_session()
     out = {}
     for name, (fn, kwargs) in scenarios.items():
         em.sync_point(f"scenario/{name}", timeout=3 * TIMEOUT)
         try:
-            value = fn(rank, world, **kwargs)
+            with session.use(_device_type(fn, kwargs)):
+                value = fn(rank, world, **kwargs)
             em.check_clean(session, f"scenario {name}")
             out[name] = ("ok", value)
         except Exception as exc:  # noqa: BLE001 - recorded for the parent, which fails the test

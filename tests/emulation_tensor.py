@@ -26,107 +26,37 @@ PyTorch 2.13 on a GPU:
 Every error names the op, the devices and the innermost caller frames outside torch and this
 harness (the library code that made the mistake).
 
-``cuda`` wrappers cannot use PyTorch's C++ indexing on a CPU-only build (it opens a CUDA device
-guard), so ``x[...]`` and ``x[...] = v`` on them are re-implemented here with aten ops following
-PyTorch's own slicing rules (:func:`_getitem`, :func:`_setitem`); ``npu`` (PrivateUse1) wrappers
-use PyTorch's indexing unchanged.
+``cuda`` wrappers cannot use PyTorch's C++ indexing (and a few other methods) on a CPU-only
+build, which open a CUDA device guard; :mod:`emulation_indexing` re-implements them with aten
+ops. ``npu`` (PrivateUse1) wrappers use PyTorch's own.
+
+``cuda`` autograd is forward-only (recording history for a ``cuda`` tensor would abort the
+process): see :func:`_cuda_history`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import traceback
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+import emulation_indexing as ix
 import torch
+from emulation_core import (
+    DeviceMismatchError,
+    EmulationLimitError,
+    caller_frames,
+    current_session,
+    describe,
+    format_frames,
+    report_read,
+    report_upload,
+)
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["DeviceTensor", "EmulationError", "DeviceMismatchError", "HostReadError",
-           "EmulationLimitError", "HostRead", "HostReads", "host_reads", "caller_frames",
-           "format_frames", "is_device_tensor", "current_session", "set_session", "report_upload"]
+__all__ = ["DeviceTensor", "is_device_tensor", "cuda_history_inputs", "mark_requires_grad", "saved_on_device"]
 
 aten = torch.ops.aten
-
-
-# ---- the session this process emulates (set by emulation.py) ---------------------------------
-_session: Any = None
-
-
-def current_session() -> Any:
-    """The active emulation session (``emulation.Session``), or None."""
-    return _session
-
-
-def set_session(session: Any) -> None:
-    global _session
-    _session = session
-
-
-# ---- errors and caller frames ---------------------------------------------------------------
-class EmulationError(RuntimeError):
-    """A device mistake found by the emulation (subclasses say which kind).
-
-    Each one is also recorded in the active session's ``errors``, so code that catches it
-    cannot hide it (see ``emulation.check_clean``).
-    """
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        session = current_session()
-        if session is not None:
-            session.errors.append(self)
-
-
-class DeviceMismatchError(EmulationError):
-    """An op mixed tensors of two devices where real CUDA raises."""
-
-
-class HostReadError(EmulationError):
-    """A device-to-host read inside ``host_reads(forbid=True)``."""
-
-
-class EmulationLimitError(EmulationError):
-    """Something real devices do that this emulation cannot imitate (not a library defect)."""
-
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_HARNESS_FILES = {os.path.join(_HERE, name) for name in
-                  ("emulation.py", "emulation_tensor.py", "emulation_group.py")}
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-_PY_LIB = os.path.dirname(os.path.abspath(contextlib.__file__))
-
-
-def _outside(path: str) -> bool:
-    if path.startswith("<"):
-        return False
-    path = os.path.abspath(path)
-    third_party = "site-packages" in path and f"{os.sep}flexep{os.sep}" not in path  # pytest, pluggy
-    return not (path in _HARNESS_FILES or path.startswith(_TORCH_DIR) or path.startswith(_PY_LIB)
-                or third_party)
-
-
-def caller_frames(limit: int = 5) -> list[traceback.FrameSummary]:
-    """The innermost ``limit`` stack frames outside torch, the standard library and this harness."""
-    return [f for f in traceback.extract_stack() if _outside(f.filename)][-limit:]
-
-
-def format_frames(frames: list[traceback.FrameSummary]) -> str:
-    """``path:line in function: code`` lines, innermost last, paths relative to the cwd."""
-    if not frames:
-        return "    (no caller frame outside torch and the harness)"
-    lines = []
-    for f in frames:
-        path = os.path.relpath(f.filename) if f.filename.startswith(os.getcwd()) else f.filename
-        lines.append(f"    {path}:{f.lineno} in {f.name}: {(f.line or '').strip()}")
-    return "\n".join(lines)
-
-
-def _describe(t: torch.Tensor) -> str:
-    dtype = str(t.dtype).replace("torch.", "")
-    return f"{t.device} {dtype}{list(t.shape)}"
 
 
 # ---- the wrapper ------------------------------------------------------------------------------
@@ -158,7 +88,10 @@ class DeviceTensor(torch.Tensor):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
             with torch._C.DisableTorchFunctionSubclass():  # .requires_grad/.device: no recursion
-                _refuse_cuda_autograd(func, args, kwargs)
+                history = _cuda_history(func, args, kwargs)
+            if history:
+                with torch.no_grad():
+                    return mark_requires_grad(cls.__torch_function__(func, types, args, kwargs), args)
         handler = _METHOD_OVERRIDES.get(func)
         if handler is not None:
             result = handler(*args, **kwargs)
@@ -172,15 +105,18 @@ class DeviceTensor(torch.Tensor):
         return _dispatch(func, args, kwargs or {})
 
     def __repr__(self, *, tensor_contents=None) -> str:  # printing reads the device memory
-        _report_read("print", "printing a device tensor (repr/str) copies it to the host", self)
+        report_read("print", "printing a device tensor (repr/str) copies it to the host", self)
         text = repr(self._data)
         return f"{text[:-1]}, device='{self.device}')" if text.endswith(")") else text
 
     def __reduce_ex__(self, protocol):
         # torch.save / pickling: like a real device tensor, the bytes are copied to the host and
-        # tagged with the device; loading rebuilds a device tensor (see _rebuild).
-        _report_read("save", "torch.save / pickling a device tensor copies it to the host", self)
-        return _rebuild, (self._data.clone(), str(self.device), self.requires_grad)
+        # their storage is tagged with the device (see saved_on_device); loading rebuilds a
+        # device tensor, or a host one under map_location="cpu" (see _rebuild).
+        report_read("save", "torch.save / pickling a device tensor copies it to the host", self)
+        data = self._data.clone()
+        _saving[_storage_key(data)] = (str(self.device), data)
+        return _rebuild, (data, str(self.device), self.requires_grad)
 
     @property
     def data(self):  # noqa: D401 - mirrors Tensor.data
@@ -191,7 +127,7 @@ class DeviceTensor(torch.Tensor):
     def data(self, new: torch.Tensor) -> None:
         # ``param.data = other`` swaps the tensor's contents (Module.to/_apply uses it).
         if not isinstance(new, DeviceTensor):
-            raise EmulationLimitError(f"assigning a {_describe(new)} tensor to .data of a device tensor "
+            raise EmulationLimitError(f"assigning a {describe(new)} tensor to .data of a device tensor "
                                       "is not emulated; use .to(device) instead")
         torch._C.TensorBase.data.__set__(self, new)
         self._data = new._data
@@ -205,17 +141,46 @@ _NO_HISTORY = {"__get__", "__set__", "__delete__", "requires_grad_", "detach", "
                "tolist", "item", "__bool__", "__int__", "__float__", "__index__", "__hash__"}
 
 
-def _refuse_cuda_autograd(func, args, kwargs) -> None:
-    """Recording autograd history for a ``cuda`` tensor aborts the process on a CPU build (the
-    graph asks the missing CUDA device guard for a stream): raise a clear error first."""
-    if getattr(func, "__name__", "") in _NO_HISTORY:
-        return
-    for t in tree_flatten((args, kwargs))[0]:
-        if isinstance(t, DeviceTensor) and t.requires_grad and t.device.type == "cuda":
-            raise EmulationLimitError(
-                f"{getattr(func, '__name__', func)} would record autograd history for an emulated {t.device} "
-                "tensor, which a CPU-only build cannot do; run gradient checks with device_type='npu', "
-                "forward-only code under torch.no_grad()")
+def cuda_history_inputs(args, kwargs) -> bool:
+    """Would an op on these arguments record autograd history for an emulated ``cuda`` tensor?"""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) and any(
+        isinstance(t, DeviceTensor) and t.device.type == "cuda" for t in tensors)
+
+
+def _cuda_history(func, args, kwargs) -> bool:
+    """``cuda`` autograd is forward-only here. Recording history for a ``cuda`` tensor aborts the
+    process on a CPU build (the graph asks the missing CUDA device guard for a stream), so such
+    ops run under ``no_grad`` and their outputs are marked ``requires_grad`` (no history); a
+    backward through them is refused (``emulation``), and so is carrying them to the host, where
+    the lost history could not be noticed."""
+    if getattr(func, "__name__", "") in _NO_HISTORY or not cuda_history_inputs(args, kwargs):
+        return False
+    to_host = func is torch.Tensor.cpu or (func is torch.Tensor.copy_
+                                           and not isinstance(args[0], DeviceTensor))
+    if func is torch.Tensor.to:
+        target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        dev = target.device if target is not None else torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+        to_host = dev is not None and dev.type == "cpu"
+    if to_host:
+        raise EmulationLimitError(
+            f"{getattr(func, '__name__', func)} would carry autograd history from an emulated cuda tensor "
+            "to the host, which a CPU-only build cannot record; run gradient checks with "
+            "device_type='npu', or detach() first\n  library frames (innermost last):\n"
+            f"{format_frames(caller_frames())}")
+    return True
+
+
+def mark_requires_grad(out, inputs):
+    """Outputs of a forward-only ``cuda`` op: floating tensors say ``requires_grad`` like autograd's."""
+    keep = {id(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, torch.Tensor) and id(t) not in keep and not t.requires_grad \
+                and (t.dtype.is_floating_point or t.dtype.is_complex):
+            t.requires_grad_(True)
+    return out
 
 
 def is_device_tensor(t: Any) -> bool:
@@ -223,99 +188,55 @@ def is_device_tensor(t: Any) -> bool:
     return isinstance(t, DeviceTensor)
 
 
-def _rebuild(data: torch.Tensor, device: str, requires_grad: bool) -> torch.Tensor:
-    """Unpickle a device tensor: on the device inside an emulated session, else fail like CUDA."""
-    dev = torch.device(device)
+# ---- torch.save / torch.load of device tensors ----------------------------------------------
+# A saved device tensor is ``_rebuild(host copy, device)`` whose storage carries the device as its
+# location tag, as a real CUDA storage does ("cuda:0"). At load time the location goes through
+# torch's deserializers: here (``saved_on_device``) a storage tagged with an emulated device stays
+# on the host but is remembered, and ``_rebuild`` turns it into a device tensor; with
+# ``map_location="cpu"`` the deserializer is never asked and the tensor stays on the host. Where
+# the device is not emulated (a plain process), loading fails as it does without CUDA.
+_saving: dict = {}  # storage key -> (device, host copy kept alive until torch.save tags it)
+_restored: set = set()  # keys of storages torch.load restored to an emulated device
+
+
+def _storage_key(t) -> tuple:
+    storage = t.untyped_storage() if isinstance(t, torch.Tensor) else t
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _tag(storage) -> Optional[str]:
+    entry = _saving.pop(_storage_key(storage), None)
+    return entry[0] if entry else None
+
+
+def _restore(storage, location: str):
+    kind = location.split(":")[0]
     session = current_session()
-    if session is None or dev.type not in session.device_types:
-        raise RuntimeError(
-            f"Attempting to deserialize object on a {dev.type.upper()} device but no {dev.type} device "
-            f"is available (this process does not emulate {dev.type}). If you are running on a "
-            "CPU-only machine, please use torch.load with map_location=torch.device('cpu') to map "
-            "your storages to the CPU; a library that writes portable files saves .cpu() copies.")
-    out = DeviceTensor(data, session.resolve(dev))
-    return out.requires_grad_(requires_grad) if requires_grad else out
-
-
-# ---- host reads --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HostRead:
-    """One device-to-host read: its kind, what did it, and the caller frames."""
-
-    kind: str
-    what: str
-    tensor: str
-    frames: tuple
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.what} ({self.tensor})\n{format_frames(list(self.frames))}"
-
-
-@dataclass
-class HostReads:
-    """What a :func:`host_reads` block saw: device-to-host reads and host-to-device copies."""
-
-    forbid: bool = False
-    reads: list = field(default_factory=list)
-    uploads: list = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.reads)
-
-    def by_kind(self) -> dict:
-        out: dict = {}
-        for r in self.reads:
-            out[r.kind] = out.get(r.kind, 0) + 1
-        return out
-
-    def report(self) -> str:
-        """Every read with its caller frames (for failure messages)."""
-        if not self.reads:
-            return "no host reads"
-        return f"{self.count} host read(s):\n" + "\n".join(f"  [{i}] {r}" for i, r in enumerate(self.reads))
-
-
-_guards: list = []  # process-wide: an autograd backward runs on another thread
-
-
-def _active() -> list:
-    return _guards
+    if session is None or kind not in session.device_types:
+        return None  # not emulated here: torch's own deserializer decides (and fails without CUDA)
+    _restored.add(_storage_key(storage))
+    return storage
 
 
 @contextlib.contextmanager
-def host_reads(forbid: bool = False) -> Iterator[HostReads]:
-    """Count (or with ``forbid=True`` refuse) device-to-host reads made in this process.
-
-    A forbidden read raises :class:`HostReadError` at the op; if the code under test swallows
-    that exception, the block raises it again on exit, so a read can never pass unnoticed.
-    """
-    log = HostReads(forbid=forbid)
-    _active().append(log)
+def saved_on_device() -> Iterator[None]:
+    """Register the tagger and deserializer above with ``torch.serialization`` while active."""
+    entry = (-1, _tag, _restore)  # before torch's own "cpu"/"cuda" packages
+    torch.serialization._package_registry.insert(0, entry)
     try:
-        yield log
+        yield
     finally:
-        _active().remove(log)
-    if forbid and log.reads:
-        raise HostReadError(f"host reads inside host_reads(forbid=True) (one was raised and caught):\n"
-                            f"{log.report()}")
+        torch.serialization._package_registry.remove(entry)
+        _saving.clear()
+        _restored.clear()
 
 
-def _report_read(kind: str, what: str, t: torch.Tensor) -> None:
-    guards = _active()
-    if not guards:
-        return
-    read = HostRead(kind, what, _describe(t), tuple(caller_frames()))
-    for g in guards:
-        g.reads.append(read)
-    if any(g.forbid for g in guards):
-        raise HostReadError(f"device-to-host read where none is allowed: {read}")
-
-
-def report_upload(what: str, t: torch.Tensor) -> None:
-    """Record a host-to-device copy (allowed; counted for the reports)."""
-    for g in _active():
-        g.uploads.append(HostRead("h2d", what, _describe(t), tuple(caller_frames(2))))
+def _rebuild(data: torch.Tensor, device: str, requires_grad: bool) -> torch.Tensor:
+    """Unpickle a device tensor: on its device if torch.load restored it there, else on the host."""
+    out = data
+    if _storage_key(data) in _restored:
+        out = DeviceTensor(data, current_session().resolve(torch.device(device)))
+    return out.requires_grad_(requires_grad) if requires_grad else out
 
 
 # ---- device rules ------------------------------------------------------------------------------
@@ -389,8 +310,8 @@ def _check_devices(func, bound) -> Optional[torch.device]:
         return None  # copies between any two devices are allowed
     if len(devices) > 1:
         (d1, (n1, t1)), (d2, (n2, t2)) = list(devices.items())[:2]
-        raise _mismatch(func, str(d1), str(d2), f"argument '{n1}' is {_describe(t1)}, argument '{n2}' "
-                        f"is {_describe(t2)}; only copies (copy_, .to) move data between devices")
+        raise _mismatch(func, str(d1), str(d2), f"argument '{n1}' is {describe(t1)}, argument '{n2}' "
+                        f"is {describe(t2)}; only copies (copy_, .to) move data between devices")
     dev, (dname, dtensor) = next(iter(devices.items()))
     for arg, t in plain:
         if func in _INDEXING and arg.name == "indices":
@@ -401,8 +322,8 @@ def _check_devices(func, bound) -> Optional[torch.device]:
                if _written(arg) else
                "CUDA accepts CPU tensors only as 0-dim scalars of pointwise ops and as indices of "
                "x[idx] / index_put_")
-        raise _mismatch(func, str(dev), "cpu", f"argument '{arg.name}' is a {_describe(t)} tensor next "
-                        f"to argument '{dname}' ({_describe(dtensor)}); {why}")
+        raise _mismatch(func, str(dev), "cpu", f"argument '{arg.name}' is a {describe(t)} tensor next "
+                        f"to argument '{dname}' ({describe(dtensor)}); {why}")
     return dev
 
 
@@ -414,28 +335,28 @@ def _host_read(func, bound, kwargs) -> None:
         return
     name = str(func)
     if func is aten._local_scalar_dense.default:
-        _report_read("item", "Tensor.item() / int() / float() / bool() / .tolist() element", first)
+        report_read("item", "Tensor.item() / int() / float() / bool() / .tolist() element", first)
     elif func in (aten.equal.default, aten.is_nonzero.default, aten.is_same_size.default):
         if func is not aten.is_same_size.default:
-            _report_read("item", f"{name} returns a Python value computed from device data", first)
+            report_read("item", f"{name} returns a Python value computed from device data", first)
     elif func in _DATA_DEPENDENT:
-        _report_read("sync", f"{name}: its output size depends on device values", first)
+        report_read("sync", f"{name}: its output size depends on device values", first)
     elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) \
             and values.get("output_size") is None:
-        _report_read("sync", f"{name} without output_size: its output size depends on device values", first)
+        report_read("sync", f"{name} without output_size: its output size depends on device values", first)
     elif func in _INDEXING:
         masks = [t for t in _tensors(values.get("indices", [])) if isinstance(t, DeviceTensor)
                  and t.dtype in (torch.bool, torch.uint8)]
         if masks:
-            _report_read("sync", f"boolean-mask indexing ({name}) with a device mask: runs nonzero", masks[0])
+            report_read("sync", f"boolean-mask indexing ({name}) with a device mask: runs nonzero", masks[0])
     elif func is aten._to_copy.default:
         dev = values.get("device")
         if dev is not None and torch.device(dev).type == "cpu":
-            _report_read("d2h", "device-to-host copy (.cpu() / .to('cpu') / .tolist())", first)
+            report_read("d2h", "device-to-host copy (.cpu() / .to('cpu') / .tolist())", first)
     elif func in _TRANSFERS:
         dst, src = bound[0][1], bound[1][1]
         if isinstance(src, DeviceTensor) and not isinstance(dst, DeviceTensor):
-            _report_read("d2h", "device-to-host copy (cpu_tensor.copy_(device_tensor))", src)
+            report_read("d2h", "device-to-host copy (cpu_tensor.copy_(device_tensor))", src)
         elif isinstance(dst, DeviceTensor) and not isinstance(src, DeviceTensor):
             report_upload("host-to-device copy (device_tensor.copy_(cpu_tensor))", src)
 
@@ -487,7 +408,7 @@ def _check_metadata(func, bound) -> None:
 
 # ---- Python-level methods that need help on emulated devices ---------------------------------
 def _tolist(self):
-    _report_read("d2h", "Tensor.tolist() copies the tensor to the host", self)
+    report_read("d2h", "Tensor.tolist() copies the tensor to the host", self)
     return self._data.tolist()
 
 
@@ -498,107 +419,14 @@ def _needs_python_indexing(t) -> bool:
 def _getitem_override(self, index):
     if not _needs_python_indexing(self):
         return NotImplemented
-    return _getitem(self, index)
+    return ix.getitem(self, index)
 
 
 def _setitem_override(self, index, value):
     if not _needs_python_indexing(self):
         return NotImplemented
-    _setitem(self, index, value)
+    ix.setitem(self, index, value)
     return None
-
-
-def _is_int_index(i) -> bool:
-    return isinstance(i, int) and not isinstance(i, bool)
-
-
-def _as_index_tensor(item):
-    if isinstance(item, torch.Tensor):
-        return item
-    return torch.tensor(item)  # a (nested) list: a CPU index tensor, as PyTorch builds it
-
-
-def _as_tuple(index) -> tuple:
-    """PyTorch's ``treatSequenceAsTuple``: a short list holding a sequence, slice, tensor, None or
-    Ellipsis is a tuple of indices; any other list is one index."""
-    if isinstance(index, tuple):
-        return index
-    if isinstance(index, list) and len(index) < 32 and any(
-            isinstance(i, (list, tuple, slice, torch.Tensor)) or i is None or i is Ellipsis for i in index):
-        return tuple(index)
-    return (index,)
-
-
-def _slicing(self, index) -> tuple[torch.Tensor, list, bool]:
-    """PyTorch's ``applySlicing``: the basic-indexed view and the advanced index list."""
-    index = _as_tuple(index)
-    consumed = 0
-    for item in index:
-        if isinstance(item, torch.Tensor) and item.dtype in (torch.bool, torch.uint8) and item.dim() > 0:
-            consumed += item.dim()
-        elif item is None or item is Ellipsis or isinstance(item, bool):
-            continue
-        else:
-            consumed += 1
-    result, dim, indices, advanced = self, 0, [], False
-    for item in index:
-        if isinstance(item, torch.Tensor) and item.dim() == 0 and not item.dtype.is_floating_point:
-            if item.dtype in (torch.bool, torch.uint8):
-                item = bool(item.item())  # a 0-dim mask: PyTorch reads it on the host too
-            else:
-                item = int(item.item())  # a 0-dim index: PyTorch selects with tensor.item()
-        if item is None:
-            result = aten.unsqueeze.default(result, dim)
-            indices.append(None)
-            dim += 1
-        elif item is Ellipsis:
-            skip = self.dim() - consumed
-            indices.extend([None] * skip)
-            dim += skip
-        elif isinstance(item, bool):
-            result = aten.unsqueeze.default(result, dim)
-            indices.append(torch.zeros(1 if item else 0, dtype=torch.int64))
-            advanced = True
-            dim += 1
-        elif _is_int_index(item):
-            result = aten.select.int(result, dim, item)
-        elif isinstance(item, slice):
-            step = 1 if item.step is None else item.step
-            if step <= 0:
-                raise ValueError("step must be greater than zero")
-            result = aten.slice.Tensor(result, dim, item.start, item.stop, step)
-            indices.append(None)
-            dim += 1
-        elif isinstance(item, (torch.Tensor, list)):
-            t = _as_index_tensor(item)
-            indices.append(t)
-            advanced = True
-            dim += t.dim() if t.dtype in (torch.bool, torch.uint8) else 1
-        else:
-            raise TypeError(f"emulated indexing: unsupported index {item!r}")
-    while indices and indices[-1] is None:
-        indices.pop()
-    return result, indices, advanced
-
-
-def _getitem(self, index):
-    result, indices, advanced = _slicing(self, index)
-    if advanced:
-        return aten.index.Tensor(result, indices)
-    return aten.alias.default(result) if result is self else result
-
-
-def _setitem(self, index, value):
-    result, indices, advanced = _slicing(self, index)
-    if advanced:
-        if not isinstance(value, torch.Tensor):
-            value = torch.tensor(value, dtype=self.dtype)
-        aten.index_put_.default(result, indices, value)
-    elif isinstance(value, torch.Tensor):
-        value = value.squeeze(0) if value.dim() > result.dim() and value.size(0) == 1 else value
-        aten.copy_.default(result, value)
-    else:
-        aten.fill_.Scalar(result, value)
 
 
 def _cuda_only(fn):
@@ -611,33 +439,17 @@ def _cuda_only(fn):
     return method
 
 
-def _contiguous(self, memory_format=torch.contiguous_format):
-    if self.is_contiguous(memory_format=memory_format):
-        return self
-    return aten.clone.default(self, memory_format=memory_format)
-
-
-def _scalar(self):
-    if self.numel() != 1:
-        raise ValueError("only one element tensors can be converted to Python scalars")
-    return aten._local_scalar_dense.default(self)
-
-
-def _nonzero(self, *, as_tuple=False):
-    return aten.nonzero_numpy.default(self) if as_tuple else aten.nonzero.default(self)
-
-
 _METHOD_OVERRIDES = {
     torch.Tensor.tolist: _tolist,
     torch.Tensor.__getitem__: _getitem_override,
     torch.Tensor.__setitem__: _setitem_override,
-    torch.Tensor.contiguous: _cuda_only(_contiguous),
+    torch.Tensor.contiguous: _cuda_only(ix.contiguous),
     torch.Tensor.copy_: _cuda_only(lambda self, other, non_blocking=False:
                                    aten.copy_.default(self, other, non_blocking)),
-    torch.Tensor.__int__: _cuda_only(lambda self: int(_scalar(self))),
-    torch.Tensor.__index__: _cuda_only(lambda self: int(_scalar(self))),
-    torch.Tensor.__float__: _cuda_only(lambda self: float(_scalar(self))),
+    torch.Tensor.__int__: _cuda_only(lambda self: int(ix.scalar(self))),
+    torch.Tensor.__index__: _cuda_only(lambda self: int(ix.scalar(self))),
+    torch.Tensor.__float__: _cuda_only(lambda self: float(ix.scalar(self))),
     torch.Tensor.__invert__: _cuda_only(lambda self: aten.bitwise_not.default(self)),
-    torch.Tensor.nonzero: _cuda_only(_nonzero),
-    torch.nonzero: _cuda_only(_nonzero),
+    torch.Tensor.nonzero: _cuda_only(ix.nonzero),
+    torch.nonzero: _cuda_only(ix.nonzero),
 }
