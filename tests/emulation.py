@@ -62,7 +62,10 @@ Streams, events and autograd, by device type:
 * ``npu``: ``torch.npu`` reports itself available, with ``Stream``/``Event``/
   ``current_stream``/``synchronize`` that complete at once (``synchronize`` and
   ``Event.synchronize`` count as host syncs); the autograd engine runs backward through
-  ``npu`` tensors on its device thread. This checks the path that does use streams.
+  ``npu`` tensors on its device thread. This checks the path that does use streams. While
+  ``npu`` is the device, a ``torch.cuda`` runtime call made directly by the library raises
+  :class:`WrongDeviceModuleError`: on an NPU host it would silently find no CUDA (no event, no
+  stream), which is hard-coded CUDA on a device-neutral path.
 
 Known limits: execution is synchronous (no stream races, no CUDA graphs, no caching-allocator
 reuse bugs, stream ordering of events is not checked); CPU kernels decide numerics (bf16
@@ -79,6 +82,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -103,9 +108,14 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["DeviceTensor", "DeviceMode", "Session", "emulate", "worker_session", "run_emulated",
            "host_reads", "HostReads", "expected_errors", "sync_point", "is_device_tensor",
            "EmulationError", "DeviceMismatchError", "HostReadError", "EmulationLimitError",
-           "NotOnDeviceError", "BACKEND"]
+           "NotOnDeviceError", "WrongDeviceModuleError", "BACKEND"]
 
 NotOnDeviceError = emulation_group.NotOnDeviceError
+
+
+class WrongDeviceModuleError(EmulationError):
+    """The library called ``torch.cuda`` while working on another device type (``npu``)."""
+
 BACKEND = emulation_group.BACKEND
 EMULATED_TYPES = ("cuda", "npu")
 
@@ -307,7 +317,8 @@ def _forward_only_cuda_functions() -> Iterator[None]:
     for its ``cuda`` outputs, which aborts the process on a CPU build: run it under ``no_grad`` and
     mark its outputs instead (as :mod:`emulation_tensor` does for every op)."""
     function = torch.autograd.Function
-    original = function.__dict__["apply"].__func__
+    saved = function.__dict__["apply"]
+    original = saved.__func__
 
     def apply(cls, *args, **kwargs):
         if not et.cuda_history_inputs(args, kwargs):
@@ -319,7 +330,7 @@ def _forward_only_cuda_functions() -> Iterator[None]:
     try:
         yield
     finally:
-        function.apply = classmethod(original)
+        function.apply = saved
 
 
 # ---- cuda backward: refuse clearly instead of crashing the autograd engine ---------------------
@@ -377,6 +388,52 @@ def _answer_cuda_capability(session: Session) -> Iterator[None]:
         torch.cuda.get_device_capability = original
 
 
+# ---- npu: the library must not ask torch.cuda about it -----------------------------------------
+_CUDA_RUNTIME = ("is_available", "is_initialized", "device_count", "current_device", "set_device",
+                 "current_stream", "default_stream", "set_stream", "stream", "synchronize",
+                 "get_device_capability", "get_device_properties", "get_device_name", "mem_get_info",
+                 "memory_allocated", "empty_cache")
+
+
+def _library_dirs() -> tuple:
+    import importlib.util
+
+    spec = importlib.util.find_spec("flexep")
+    return (os.path.dirname(os.path.abspath(spec.origin)) + os.sep,) if spec and spec.origin else ()
+
+
+@contextlib.contextmanager
+def _no_cuda_module_on_npu(session: Session) -> Iterator[None]:
+    """While ``npu`` is the primary device, a ``torch.cuda`` runtime call made directly from the
+    library is hard-coded CUDA on a device-neutral path (on an NPU host it silently finds no CUDA:
+    no events, no streams); raise :class:`WrongDeviceModuleError` there. Calls from torch itself,
+    the tests and this harness are left alone."""
+    library = _library_dirs()
+    saved = {name: getattr(torch.cuda, name) for name in _CUDA_RUNTIME if hasattr(torch.cuda, name)}
+
+    def guarded(name, original):
+        def call(*args, **kwargs):
+            caller = os.path.abspath(sys._getframe(1).f_code.co_filename)
+            if session.primary == "npu" and caller.startswith(library):
+                raise WrongDeviceModuleError(
+                    f"torch.cuda.{name}() called by the library while the device is "
+                    f"{session.device}: hard-coded CUDA on a device-neutral path; resolve the device "
+                    "module from the tensor (torch.get_device_module(t.device)) or use "
+                    "torch.accelerator\n  library frames (innermost last):\n"
+                    f"{core.format_frames(core.caller_frames())}")
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in saved.items():
+        setattr(torch.cuda, name, guarded(name, original))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.cuda, name, original)
+
+
 # ---- object collectives without NumPy --------------------------------------------------------------
 @contextlib.contextmanager
 def _object_collectives_without_numpy() -> Iterator[None]:
@@ -428,16 +485,16 @@ def emulate(device_types: Sequence[str] = ("cuda",), *, index: Optional[dict] = 
         with contextlib.ExitStack() as stack:
             stack.enter_context(DeviceMode(session))
             stack.enter_context(_refuse_cuda_backward())
-            if "cuda" in types:
-                stack.enter_context(_forward_only_cuda_functions())
             stack.enter_context(_object_collectives_without_numpy())
             stack.enter_context(_modules_swap_parameters())
             stack.enter_context(torch.serialization.safe_globals([et._rebuild]))
             stack.enter_context(et.saved_on_device())
+            if "cuda" in types:
+                stack.enter_context(_forward_only_cuda_functions())
+                stack.enter_context(_answer_cuda_capability(session))
             if "npu" in types:
                 stack.enter_context(emulation_npu.accelerator_synchronize())
-            if "cuda" in types:
-                stack.enter_context(_answer_cuda_capability(session))
+                stack.enter_context(_no_cuda_module_on_npu(session))
             yield session
     finally:
         core.set_session(None)
@@ -514,20 +571,22 @@ def _emulated_worker(rank: int, world: int, fn: Callable, device_types, devices_
 
 def run_emulated(fn: Callable[..., Any], world_size: int, device_type: str = "cuda", args: Sequence = (),
                  *, timeout: float = 120.0, extra_device_types: Sequence[str] = (),
-                 devices_per_node: Optional[int] = None, env: Optional[dict] = None) -> list:
+                 devices_per_node: Optional[int] = None, env: Optional[dict] = None,
+                 allow_failures: bool = False) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks with an emulated device.
 
     Each rank emulates ``device_type`` (plus ``extra_device_types``), its default group is the
     accelerator-only ``"emul"`` group, and ``Session.device`` (``emulation.current_session()``)
     is its device. ``fn`` must be importable and return host data (``.cpu()`` copies). Raises
-    :class:`flexep.launch.WorkerError` with the failing rank's traceback; never waits longer
-    than ``timeout`` seconds.
+    :class:`flexep.launch.WorkerError` with the failing rank's traceback (with
+    ``allow_failures``, puts it in that rank's slot instead); never waits longer than
+    ``timeout`` seconds.
     """
     from flexep.launch import run_local
 
     types = (device_type, *[t for t in extra_device_types if t != device_type])
     return run_local(_emulated_worker, world_size, (fn, types, devices_per_node, tuple(args)),
-                     timeout=timeout, env=env)
+                     timeout=timeout, env=env, allow_failures=allow_failures)
 
 
 def current_session() -> Optional[Session]:

@@ -371,9 +371,16 @@ def run_scenarios(rank: int, world: int, scenarios: dict) -> dict:
     it and the library create are bound to that type, as an HCCL group is to ``npu``.
     """
     session = em.current_session()
-    out = {}
+    out, stuck = {}, None
     for name, (fn, kwargs) in scenarios.items():
-        em.sync_point(f"scenario/{name}", timeout=3 * TIMEOUT)
+        if stuck is None:
+            try:
+                em.sync_point(f"scenario/{name}", timeout=3 * TIMEOUT)
+            except RuntimeError as exc:  # a rank never left an earlier scenario: stop here
+                stuck = f"not run: {exc} (a rank is stuck in an earlier scenario)"
+        if stuck is not None:
+            out[name] = ("error", stuck)
+            continue
         try:
             with session.use(_device_type(fn, kwargs)):
                 value = fn(rank, world, **kwargs)
