@@ -327,6 +327,16 @@ def _check_devices(func, bound) -> Optional[torch.device]:
     return dev
 
 
+def _is_masked_fill(func, values: dict) -> bool:
+    """``x[mask] = scalar``: CUDA's ``index_put_`` turns one same-device mask and a one-element
+    host value into ``masked_fill_`` (``canDispatchToMaskedFill``), which reads nothing back."""
+    value, indices, self_ = values.get("values"), values.get("indices") or [], values.get("self")
+    defined = [t for t in indices if t is not None]
+    return (func is not aten.index.Tensor and not values.get("accumulate", False)
+            and isinstance(value, torch.Tensor) and not isinstance(value, DeviceTensor)
+            and value.numel() == 1 and len(defined) == 1 and defined[0].device == self_.device)
+
+
 def _host_read(func, bound, kwargs) -> None:
     """Report the op to the host-read guards if it makes the host wait for device values."""
     values = {arg.name: value for arg, value in bound}
@@ -347,7 +357,7 @@ def _host_read(func, bound, kwargs) -> None:
     elif func in _INDEXING:
         masks = [t for t in _tensors(values.get("indices", [])) if isinstance(t, DeviceTensor)
                  and t.dtype in (torch.bool, torch.uint8)]
-        if masks:
+        if masks and not _is_masked_fill(func, values):
             report_read("sync", f"boolean-mask indexing ({name}) with a device mask: runs nonzero", masks[0])
     elif func is aten._to_copy.default:
         dev = values.get("device")

@@ -116,6 +116,8 @@ def _read_cases(dev):
         "D2H copy_": lambda: torch.empty(6, dtype=torch.int64).copy_(x), "equal": lambda: torch.equal(x, x),
         "print": lambda: repr(x), "nonzero": lambda: x.nonzero(), "mask indexing": lambda: x[mask],
         "masked_select": lambda: x.masked_select(mask), "unique": lambda: x.unique(),
+        "mask assignment of a tensor": lambda: x.__setitem__(mask, torch.ones(3, dtype=torch.int64,
+                                                                            device=dev)),
         "bincount": lambda: x.bincount(), "repeat_interleave": lambda: x.repeat_interleave(x),
         "torch.save": lambda: torch.save(x, io.BytesIO()),
     }
@@ -135,6 +137,7 @@ def test_harness_host_read_guard():
         with em.host_reads(forbid=True) as log:  # static shapes, uploads, host masks: no reads
             x.sum(), x.cumsum(0), x.topk(2), x.nonzero_static(size=3), x[torch.tensor([True] * 6)]
             x.repeat_interleave(x, output_size=15), torch.tensor([1, 2], device=dev), x.new_zeros(3)
+            x[x > 2] = 0  # CUDA turns it into masked_fill_
         assert log.count == 0 and len(log.uploads) == 1
         # A read the code under test catches is raised again when the guard exits.
         with em.expected_errors(), pytest.raises(em.HostReadError, match="raised and caught"):
