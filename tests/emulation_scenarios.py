@@ -357,6 +357,36 @@ def group_refuses_host_tensors(rank: int, world: int) -> dict:
     return out
 
 
+class _Scale(torch.autograd.Function):
+    """A custom Function whose backward allocates on the device (outside the factory mode)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        ones = torch.ones(grad.shape, dtype=grad.dtype, device=grad.device)
+        steps = torch.arange(grad.size(0), device=grad.device).to(grad.dtype).unsqueeze(1)
+        return grad * 2 * ones + 0 * steps
+
+
+def npu_route(rank: int, world: int, kind: str = "npu") -> dict:
+    """The npu route of the harness: backward with device allocations, its synchronous device
+    module (a synchronize is a host sync), and PyTorch's own indexing on npu tensors."""
+    dev = device(kind)
+    x = torch.arange(6.0, device=dev).view(3, 2).requires_grad_(True)
+    _Scale.apply(x).sum().backward()
+    expect_on(dev, grad=x.grad)
+    with em.host_reads() as log:
+        torch.npu.synchronize()
+        torch.npu.current_stream().wait_event(torch.npu.Event())
+    picked = x.detach()[torch.tensor([2, 0], device=dev)]
+    expect_on(dev, picked=picked)
+    return dict(grad=x.grad.cpu(), reads=log.by_kind(), picked=picked.cpu(),
+                available=(torch.npu.is_available(), torch.cuda.is_available()))
+
+
 # ---- the scenario runner ------------------------------------------------------------------------
 def _device_type(fn, kwargs: dict) -> str:
     """The ``kind`` a scenario runs on (its argument, else its default, else ``cuda``)."""

@@ -451,6 +451,9 @@ def _cuda_only(fn):
 
 _METHOD_OVERRIDES = {
     torch.Tensor.tolist: _tolist,
+    # Addresses of the host data: distinct per allocation, equal for views of one storage (the
+    # wrapper's own storage has none).
+    torch.Tensor.data_ptr: lambda self: self._data.data_ptr(),
     torch.Tensor.__getitem__: _getitem_override,
     torch.Tensor.__setitem__: _setitem_override,
     torch.Tensor.contiguous: _cuda_only(ix.contiguous),

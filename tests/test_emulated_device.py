@@ -8,7 +8,18 @@ See that module's docstring for the rules and the limits.
 Cheapest first: the harness's own checks run in this process (they prove it can fail); then one
 2-rank and one 4-rank spawn run every scenario of :mod:`emulation_scenarios` on device tensors
 (``cuda``; ``npu`` where autograd backward or the stream API is exercised). The workers return
-host copies; the checks against :mod:`flexep.reference` run here.
+host copies; the checks against :mod:`flexep.reference` run here. Every test of a spawn shares
+its fixture, so selecting one test (``-k``) still starts that spawn.
+
+The device contract checked beyond CUDA's own rules (see ``emulation.py``): code holding a
+``cuda`` tensor must not need the CUDA runtime (``torch.cuda.is_available()`` is False here: treat
+the device as synchronous); while ``npu`` is the device, the library must not call ``torch.cuda``
+at all; low-latency calls with the opt-out checks never read the device from the host; a normal
+dispatch reads it at most once (DeepEP's budget); checkpoints written from device tensors are
+readable on a host without the device.
+
+Run: ``PYTHONPATH=. python -m pytest -q tests/test_emulated_device.py`` (add ``-s`` for the
+host-read table); about 30 s on two busy cores.
 
 Reading a failure: the assertion message holds the failing rank's traceback; for a device
 mistake it starts with the op, the devices, and the library frames that made it, e.g.
@@ -193,6 +204,8 @@ def test_harness_factories_transfers_and_modules():
                 torch.ones(2).to(dev), torch.ones(2).cuda(), torch.ones(2).to("cuda", torch.float16),
                 torch.zeros(2, device=dev).new_ones(3), torch.zeros(2, device=dev).new_tensor([1, 2])]
         assert all(em.is_device_tensor(t) and t.device == dev for t in made)
+        a = torch.zeros(4, device=dev)
+        assert a[1:].data_ptr() == a.data_ptr() + 4 and made[0].data_ptr() != a.data_ptr()
         host = made[1].cpu()
         assert type(host) is torch.Tensor and host.device.type == "cpu"
         moved = torch.nn.Linear(3, 2).to(dev)
@@ -225,6 +238,7 @@ def test_harness_factories_transfers_and_modules():
 # ---- the spawns ---------------------------------------------------------------------------------
 WORLD2 = {
     "group": (sc.group_refuses_host_tensors, {}),
+    "npu_route": (sc.npu_route, {}),
     "normal_bf16": (sc.normal, dict(name="normal_bf16")),
     "normal_fp8": (sc.normal, dict(name="normal_fp8", x_kind="fp8")),
     "verify": (sc.normal, dict(name="verify", verify=True)),
@@ -490,7 +504,7 @@ def test_checkpoint_files_load_without_the_device(world2):
     assert all(t.device.type == "cpu" for t in state.values())
 
 
-# ---- the emulated group ---------------------------------------------------------------------------
+# ---- the harness in the workers: the emulated group and the npu route ---------------------------
 def test_harness_group_refuses_host_tensors(world2):
     got = outcome(world2[1], "group")
     for r in range(2):
@@ -500,3 +514,12 @@ def test_harness_group_refuses_host_tensors(world2):
             kind = "npu" if op.startswith("npu") else "cpu"
             assert f"No backend type associated with device type {kind}" in text, text
         assert got[r]["gloo_side_group"].tolist() == [2.0]
+
+
+def test_harness_npu_route(world2):
+    got = outcome(world2[1], "npu_route")
+    for r in range(2):
+        assert torch.equal(got[r]["grad"], torch.full((3, 2), 2.0))
+        assert got[r]["reads"] == {"synchronize": 1}
+        assert got[r]["picked"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
+        assert got[r]["available"] == (True, False)
