@@ -250,7 +250,7 @@ _SCALAR_OK = {aten.fill_.Tensor, aten.fill.Tensor, aten.masked_fill.Tensor, aten
               aten.index_put.default, aten._index_put_impl_.default, aten._unsafe_index_put.default}
 _DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_numpy.default, aten.masked_select.default,
                    aten.unique_consecutive.default, aten._unique.default, aten._unique2.default,
-                   aten.unique_dim.default, aten.unique_dim_consecutive.default, aten.bincount.default}
+                   aten.unique_dim.default, aten.unique_dim_consecutive.default}
 
 
 def _scalar_ok(func) -> bool:
@@ -346,9 +346,11 @@ def _host_read(func, bound, kwargs) -> None:
     name = str(func)
     if func is aten._local_scalar_dense.default:
         report_read("item", "Tensor.item() / int() / float() / bool() / .tolist() element", first)
-    elif func in (aten.equal.default, aten.is_nonzero.default, aten.is_same_size.default):
-        if func is not aten.is_same_size.default:
-            report_read("item", f"{name} returns a Python value computed from device data", first)
+    elif func in (aten.equal.default, aten.is_nonzero.default):
+        report_read("item", f"{name} returns a Python value computed from device data", first)
+    elif func is aten.bincount.default:
+        report_read("sync", f"{name}: CUDA's bincount reads the input's min and max on the host "
+                    "(even with minlength)", first)
     elif func in _DATA_DEPENDENT:
         report_read("sync", f"{name}: its output size depends on device values", first)
     elif func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) \
