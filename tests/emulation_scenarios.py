@@ -114,8 +114,9 @@ def plain(x):
 
 # ---- normal mode --------------------------------------------------------------------------------
 def normal(rank: int, world: int, name: str, x_kind: str = "bf16", kind: str = "cuda",
-           **buffer_kw) -> dict:
-    """Layout, dispatch, cached dispatch and combine (with weights and a bias) on the device."""
+           with_topk: bool = True, **buffer_kw) -> dict:
+    """Layout, dispatch, cached dispatch and combine (with weights and a bias) on the device;
+    ``with_topk=False`` dispatches without ``topk_idx``/``topk_weights`` (counts travel apart)."""
     experts = 8 * world
     inp = inputs_for(name, rank, world, x_kind, experts)
     dev = device(kind)
@@ -124,9 +125,10 @@ def normal(rank: int, world: int, name: str, x_kind: str = "bf16", kind: str = "
     n_rank, n_rdma, n_expert, in_rank, _ = buf.get_dispatch_layout(topk, experts)
     expect_on(dev, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
               num_tokens_per_expert=n_expert, is_token_in_rank=in_rank)
+    routed = dict(topk_idx=topk, topk_weights=w) if with_topk else {}
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
         x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
-        num_tokens_per_expert=n_expert, topk_idx=topk, topk_weights=w)
+        num_tokens_per_expert=n_expert, **routed)
     expect_on(dev, recv_x=recv_x, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
               handle=[handle[i] for i in range(len(handle))])
     cached = buf.dispatch(x, handle=handle)[0]

@@ -242,6 +242,7 @@ WORLD2 = {
     "normal_bf16": (sc.normal, dict(name="normal_bf16")),
     "normal_fp8": (sc.normal, dict(name="normal_fp8", x_kind="fp8")),
     "verify": (sc.normal, dict(name="verify", verify=True)),
+    "no_topk": (sc.normal, dict(name="no_topk", with_topk=False)),
     "events_cuda": (sc.events, dict(kind="cuda")),
     "events_npu": (sc.events, dict(kind="npu")),
     "low_latency": (sc.low_latency, {}),
@@ -313,7 +314,8 @@ def _rows(x, src):
     return torch.stack([x[s][t] for s, t in src]) if src else x[0][:0]
 
 
-def check_normal(results, world: int, scenario: str, x_kind: str = "bf16", ranks_per_node=None) -> None:
+def check_normal(results, world: int, scenario: str, x_kind: str = "bf16", ranks_per_node=None,
+                 with_topk: bool = True) -> None:
     got = outcome(results, scenario)
     experts = 8 * world
     inputs = [sc.inputs_for(scenario, r, world, x_kind, experts) for r in range(world)]
@@ -332,23 +334,32 @@ def check_normal(results, world: int, scenario: str, x_kind: str = "bf16", ranks
             want = _rows(raw, ref[r].recv_src)
         assert _same(g["recv_x"], want), f"{msg}: received rows differ from the oracle"
         assert _same(g["cached"], want), f"{msg}: cached dispatch differs from the oracle"
-        assert torch.equal(g["recv_idx"], ref[r].recv_topk_idx), msg
-        assert torch.equal(g["recv_w"], ref[r].recv_topk_weights), msg
+        if with_topk:
+            assert torch.equal(g["recv_idx"], ref[r].recv_topk_idx), msg
+            assert torch.equal(g["recv_w"], ref[r].recv_topk_weights), msg
+        else:
+            assert g["recv_idx"] is None and g["recv_w"] is None and g["combined_w"] is None, msg
         assert g["counts"] == ref[r].num_recv_tokens_per_expert, msg
     ys = [_host_plain(g["recv_x"]) for g in got]
-    expect = ref_combine(ys, ref, [t.size(0) for t in topk], [g["recv_w"] for g in got])
+    recv_w = [g["recv_w"] for g in got] if with_topk else None
+    expect = ref_combine(ys, ref, [t.size(0) for t in topk], recv_w)
     for r in range(world):
         combined = got[r]["combined"]
         tol = 1e-5 if combined.dtype == torch.float32 else 1e-2
         torch.testing.assert_close(combined.double(), expect[r][0] + 1.0, rtol=tol, atol=tol,
                                    msg=f"{scenario}, rank {r}: combine")
-        torch.testing.assert_close(got[r]["combined_w"].double(), expect[r][1], rtol=1e-6, atol=1e-6)
+        if with_topk:
+            torch.testing.assert_close(got[r]["combined_w"].double(), expect[r][1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("scenario,x_kind", [("normal_bf16", "bf16"), ("normal_fp8", "fp8"),
                                              ("verify", "bf16")])
 def test_normal_mode_world2(world2, scenario, x_kind):
     check_normal(world2[1], 2, scenario, x_kind)
+
+
+def test_normal_mode_without_topk(world2):
+    check_normal(world2[1], 2, "no_topk", with_topk=False)
 
 
 def test_normal_mode_world4_with_an_empty_rank(world4):
