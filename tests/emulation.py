@@ -43,6 +43,9 @@ The pieces, one module each:
   group of every worker, so the EP group a test hands to ``Buffer`` is accelerator-only, like
   the NCCL group Megatron, vLLM or SGLang pass; ``new_group(ranks)`` builds more of them and
   ``new_group(backend="gloo")`` still gives a CPU group (a legitimate control plane).
+* :mod:`emulation_patches`: the process-wide adjustments a session makes (and undoes): cuda
+  autograd without history, ``Module.to`` building new parameters, the one CUDA query answered,
+  ``torch.cuda`` refused to the library on npu, object collectives without NumPy.
 * :func:`run_emulated` on :func:`flexep.launch.run_local`: spawned ranks, each set up by
   :func:`worker_session`; every join has a deadline, and an emulation error the code under
   test caught and swallowed still fails the rank (:func:`check_clean`).
@@ -82,14 +85,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import emulation_core as core
 import emulation_group
 import emulation_npu
+import emulation_patches as patches
 import emulation_tensor as et
 import torch
 import torch.distributed as dist
@@ -99,6 +101,7 @@ from emulation_core import (
     EmulationLimitError,
     HostReadError,
     HostReads,
+    WrongDeviceModuleError,
     host_reads,
 )
 from emulation_tensor import DeviceTensor, is_device_tensor
@@ -111,10 +114,6 @@ __all__ = ["DeviceTensor", "DeviceMode", "Session", "emulate", "worker_session",
            "NotOnDeviceError", "WrongDeviceModuleError", "BACKEND"]
 
 NotOnDeviceError = emulation_group.NotOnDeviceError
-
-
-class WrongDeviceModuleError(EmulationError):
-    """The library called ``torch.cuda`` while working on another device type (``npu``)."""
 
 BACKEND = emulation_group.BACKEND
 EMULATED_TYPES = ("cuda", "npu")
@@ -310,156 +309,6 @@ def _wrap_all(out, target: torch.device, requires_grad: bool = False):
     return out
 
 
-# ---- cuda autograd: forward-only, backward refused (the CPU build has no CUDA device guard) ----
-@contextlib.contextmanager
-def _forward_only_cuda_functions() -> Iterator[None]:
-    """A custom ``autograd.Function`` with a ``cuda`` input that requires grad would record history
-    for its ``cuda`` outputs, which aborts the process on a CPU build: run it under ``no_grad`` and
-    mark its outputs instead (as :mod:`emulation_tensor` does for every op)."""
-    function = torch.autograd.Function
-    saved = function.__dict__["apply"]
-    original = saved.__func__
-
-    def apply(cls, *args, **kwargs):
-        if not et.cuda_history_inputs(args, kwargs):
-            return original(cls, *args, **kwargs)
-        with torch.no_grad():
-            return et.mark_requires_grad(original(cls, *args, **kwargs), args)
-
-    function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        function.apply = saved
-
-
-# ---- cuda backward: refuse clearly instead of crashing the autograd engine ---------------------
-@contextlib.contextmanager
-def _refuse_cuda_backward() -> Iterator[None]:
-    import torch.autograd as autograd
-    import torch.autograd.graph as graph
-
-    original = graph._engine_run_backward
-
-    def guarded(t_outputs, *args, **kwargs):
-        tensors, _ = tree_flatten((t_outputs, args, kwargs))
-        cuda = [t for t in tensors if is_device_tensor(t) and t.device.type == "cuda"]
-        if cuda:
-            raise EmulationLimitError(
-                f"backward through an emulated {cuda[0].device} tensor: the CPU build has no CUDA device "
-                "guard for the autograd engine; run gradient checks with device_type='npu'")
-        return original(t_outputs, *args, **kwargs)
-
-    autograd._engine_run_backward = graph._engine_run_backward = guarded
-    try:
-        yield
-    finally:
-        autograd._engine_run_backward = graph._engine_run_backward = original
-
-
-@contextlib.contextmanager
-def _modules_swap_parameters() -> Iterator[None]:
-    """``Module.to(device)`` assigns ``param.data = moved`` when PyTorch deems the two tensor types
-    compatible, which would leave a host ``Parameter`` claiming the device with no data behind
-    it; make it build new parameters instead (``torch.__future__`` switch, restored on exit)."""
-    before = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        yield
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(before)
-
-
-# ---- the one CUDA runtime query answered: torch.distributed.broadcast asks for it ---------------
-@contextlib.contextmanager
-def _answer_cuda_capability(session: Session) -> Iterator[None]:
-    original = torch.cuda.get_device_capability
-
-    def capability(device=None):
-        if device is None or isinstance(device, int) or torch.device(device).type == "cuda":
-            session.resolve(torch.device("cuda") if device is None else device)
-            return (9, 0)  # an sm90 device (NCCL moves FP8 natively there)
-        return original(device)
-
-    torch.cuda.get_device_capability = capability
-    try:
-        yield
-    finally:
-        torch.cuda.get_device_capability = original
-
-
-# ---- npu: the library must not ask torch.cuda about it -----------------------------------------
-_CUDA_RUNTIME = ("is_available", "is_initialized", "device_count", "current_device", "set_device",
-                 "current_stream", "default_stream", "set_stream", "stream", "synchronize",
-                 "get_device_capability", "get_device_properties", "get_device_name", "mem_get_info",
-                 "memory_allocated", "empty_cache")
-
-
-def _library_dirs() -> tuple:
-    import importlib.util
-
-    spec = importlib.util.find_spec("flexep")
-    return (os.path.dirname(os.path.abspath(spec.origin)) + os.sep,) if spec and spec.origin else ()
-
-
-@contextlib.contextmanager
-def _no_cuda_module_on_npu(session: Session) -> Iterator[None]:
-    """While ``npu`` is the primary device, a ``torch.cuda`` runtime call made directly from the
-    library is hard-coded CUDA on a device-neutral path (on an NPU host it silently finds no CUDA:
-    no events, no streams); raise :class:`WrongDeviceModuleError` there. Calls from torch itself,
-    the tests and this harness are left alone."""
-    library = _library_dirs()
-    saved = {name: getattr(torch.cuda, name) for name in _CUDA_RUNTIME if hasattr(torch.cuda, name)}
-
-    def guarded(name, original):
-        def call(*args, **kwargs):
-            caller = os.path.abspath(sys._getframe(1).f_code.co_filename)
-            if session.primary == "npu" and caller.startswith(library):
-                raise WrongDeviceModuleError(
-                    f"torch.cuda.{name}() called by the library while the device is "
-                    f"{session.device}: hard-coded CUDA on a device-neutral path; resolve the device "
-                    "module from the tensor (torch.get_device_module(t.device)) or use "
-                    "torch.accelerator\n  library frames (innermost last):\n"
-                    f"{core.format_frames(core.caller_frames())}")
-            return original(*args, **kwargs)
-
-        return call
-
-    for name, original in saved.items():
-        setattr(torch.cuda, name, guarded(name, original))
-    try:
-        yield
-    finally:
-        for name, original in saved.items():
-            setattr(torch.cuda, name, original)
-
-
-# ---- object collectives without NumPy --------------------------------------------------------------
-@contextlib.contextmanager
-def _object_collectives_without_numpy() -> Iterator[None]:
-    """``all_gather_object`` and friends decode bytes with ``tensor.numpy()``; where NumPy is not
-    installed, decode them with ``tolist()`` instead (same bytes, same host reads)."""
-    import importlib.util
-    import io
-    import pickle
-
-    c10d = dist.distributed_c10d
-    if importlib.util.find_spec("numpy") is not None:
-        yield
-        return
-    original = c10d._tensor_to_object
-
-    def tensor_to_object(tensor, tensor_size, group):
-        data = bytes(tensor.cpu().tolist())[: int(tensor_size)]
-        return pickle.Unpickler(io.BytesIO(data)).load()
-
-    c10d._tensor_to_object = tensor_to_object
-    try:
-        yield
-    finally:
-        c10d._tensor_to_object = original
-
-
 # ---- sessions ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def emulate(device_types: Sequence[str] = ("cuda",), *, index: Optional[dict] = None,
@@ -484,17 +333,17 @@ def emulate(device_types: Sequence[str] = ("cuda",), *, index: Optional[dict] = 
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(DeviceMode(session))
-            stack.enter_context(_refuse_cuda_backward())
-            stack.enter_context(_object_collectives_without_numpy())
-            stack.enter_context(_modules_swap_parameters())
+            stack.enter_context(patches.refuse_cuda_backward())
+            stack.enter_context(patches.object_collectives_without_numpy())
+            stack.enter_context(patches.modules_swap_parameters())
             stack.enter_context(torch.serialization.safe_globals([et._rebuild]))
             stack.enter_context(et.saved_on_device())
             if "cuda" in types:
-                stack.enter_context(_forward_only_cuda_functions())
-                stack.enter_context(_answer_cuda_capability(session))
+                stack.enter_context(patches.forward_only_cuda_functions())
+                stack.enter_context(patches.answer_cuda_capability(session))
             if "npu" in types:
                 stack.enter_context(emulation_npu.accelerator_synchronize())
-                stack.enter_context(_no_cuda_module_on_npu(session))
+                stack.enter_context(patches.no_cuda_module_on_npu(session))
             yield session
     finally:
         core.set_session(None)

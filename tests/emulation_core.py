@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["current_session", "set_session", "EmulationError", "DeviceMismatchError", "HostReadError",
-           "EmulationLimitError", "caller_frames", "format_frames", "describe", "HostRead", "HostReads",
-           "host_reads", "report_read", "report_upload"]
+           "EmulationLimitError", "WrongDeviceModuleError", "caller_frames", "format_frames", "describe",
+           "HostRead", "HostReads", "host_reads", "report_read", "report_upload"]
 
 
 # ---- the session this process emulates (set by emulation.py) ---------------------------------
@@ -65,6 +65,10 @@ class HostReadError(EmulationError):
     """A device-to-host read inside ``host_reads(forbid=True)``."""
 
 
+class WrongDeviceModuleError(EmulationError):
+    """The library called ``torch.cuda`` while working on another device type (``npu``)."""
+
+
 class EmulationLimitError(EmulationError):
     """Something real devices do that this emulation cannot imitate (not a library defect)."""
 
@@ -72,7 +76,7 @@ class EmulationLimitError(EmulationError):
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _HARNESS_FILES = {os.path.join(_HERE, f"{name}.py") for name in
                   ("emulation", "emulation_core", "emulation_tensor", "emulation_indexing", "emulation_npu",
-                   "emulation_group")}
+                   "emulation_group", "emulation_patches")}
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _PY_LIB = os.path.dirname(os.path.abspath(contextlib.__file__))
 
