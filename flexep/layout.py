@@ -23,6 +23,7 @@ __all__ = [
     "DispatchLayout",
     "compute_layout",
     "rank_of_expert",
+    "expert_histogram",
     "to_local_expert_ids",
     "aligned_expert_counts",
 ]
@@ -44,6 +45,20 @@ class DispatchLayout:
     num_tokens_per_node: Optional[torch.Tensor]
     num_tokens_per_expert: torch.Tensor
     is_token_in_rank: torch.Tensor
+
+
+def expert_histogram(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E] int64``: (token, slot) pairs choosing each expert; ``-1`` and out-of-range ignored.
+
+    A scatter-add into a fixed ``[E + 1]`` (a spare bin for everything else), not ``bincount``,
+    whose output size depends on the data (a host read on accelerators).
+    Example (E = 4): ``[[0, 3], [3, -1]] -> [1, 0, 0, 2]``.
+    """
+    flat = topk_idx.reshape(-1)
+    ok = (flat >= 0) & (flat < num_experts)
+    hist = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_idx.device)
+    hist.index_add_(0, torch.where(ok, flat, num_experts), torch.ones_like(flat, dtype=torch.int64))
+    return hist[:num_experts]
 
 
 def rank_of_expert(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
@@ -82,8 +97,7 @@ def compute_layout(
     owner = rank_of_expert(topk_idx, num_experts, num_ranks)
     is_token_in_rank = _membership(owner, num_ranks)
     num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
-    valid = topk_idx[topk_idx >= 0] if topk_idx.numel() else topk_idx.new_zeros(0)
-    num_tokens_per_expert = torch.bincount(valid.flatten(), minlength=num_experts).to(torch.int32)
+    num_tokens_per_expert = expert_histogram(topk_idx, num_experts).to(torch.int32)
     num_tokens_per_node = None
     if ranks_per_node is not None and num_ranks // ranks_per_node > 1:
         node = torch.where(owner >= 0, torch.div(owner, ranks_per_node, rounding_mode="floor"), -1)

@@ -220,6 +220,7 @@ class DeviceMode(TorchFunctionMode):
                                       "host tensor claiming the device); use .to(device) and keep the result")
         elif func is torch.Tensor.pin_memory:
             return args[0]  # pinned host memory is a CUDA runtime feature: emulated as a no-op
+
         elif self.session.emulates(kwargs.get("device")):
             return self._factory(func, args, kwargs)
         return func(*args, **kwargs)

@@ -24,11 +24,17 @@ from emulation_tensor import DeviceTensor
 __all__ = ["install", "factory_library", "accelerator_synchronize", "NpuModule"]
 
 
-class _Stream:
-    """A stream on a synchronous device: every call completes before it returns."""
+class _Stream(torch.Stream):
+    """A stream on a synchronous device: every call completes before it returns.
+
+    A ``torch.Stream`` (of the host, underneath) so that ``Tensor.record_stream`` accepts it.
+    """
+
+    def __new__(cls, device=None, priority: int = 0, **_: Any):
+        return super().__new__(cls, device="cpu", priority=priority)
 
     def __init__(self, device=None, priority: int = 0, **_: Any) -> None:
-        self.priority = priority
+        self._priority = priority
 
     @property
     def device(self) -> torch.device:

@@ -228,6 +228,11 @@ def host_read_counts(rank: int, world: int) -> dict:
         with em.host_reads() as log:
             lay = buf.get_dispatch_layout(topk, experts)
         calls["get_dispatch_layout"] = log
+        args = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
+                    num_tokens_per_expert=lay[2], topk_idx=topk, topk_weights=w)
+        with em.host_reads() as log:
+            buf.dispatch(x, **args)
+        calls["first_dispatch"] = log
         with em.host_reads() as log:
             recv_x, _, recv_w, _, handle, _ = buf.dispatch(
                 x, num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],

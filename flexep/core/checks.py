@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .._dtypes import FLOAT8_DTYPES
+from ..layout import expert_histogram
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -131,19 +132,6 @@ def check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "top
             t = int(dup.any(1).nonzero()[0])
             raise ValueError(f"{name} row {t} selects an expert twice ({topk_idx[t].tolist()}); "
                              "each expert may appear at most once per token")
-
-
-def expert_histogram(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[E] int64``: (token, slot) pairs choosing each expert; ``-1`` and out-of-range ignored.
-
-    A scatter-add into a fixed ``[E + 1]`` (spare bin for everything else), not ``bincount``,
-    whose output size depends on the data.
-    """
-    flat = topk_idx.reshape(-1)
-    ok = (flat >= 0) & (flat < num_experts)
-    hist = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_idx.device)
-    hist.index_add_(0, torch.where(ok, flat, num_experts), torch.ones_like(flat))
-    return hist[:num_experts]
 
 
 def dispatch_value_flags(req) -> torch.Tensor:

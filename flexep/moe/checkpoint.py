@@ -55,7 +55,9 @@ def local_state_dict(module: torch.nn.Module, rank: int) -> tuple[dict, dict]:
     """
     layers = _moe_layers(module)
     sharded = {_join(_join(name, "experts"), t) for name in layers for t in _EXPERT_TENSORS}
-    replicated = {k: v.detach().clone() for k, v in module.state_dict().items() if k not in sharded}
+    # Host copies: a checkpoint written on one device type loads on any other (or none).
+    replicated = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
+                  if k not in sharded}
     experts = {}
     for name, layer in layers.items():
         placement = layer.placement
@@ -66,7 +68,7 @@ def local_state_dict(module: torch.nn.Module, rank: int) -> tuple[dict, dict]:
                 continue  # another replica of this expert saves it
             for t in _EXPERT_TENSORS:
                 key = _join(name, f"experts.{logical}.{t}")
-                experts[key] = getattr(layer.experts, t)[slot].detach().clone()
+                experts[key] = getattr(layer.experts, t)[slot].detach().to("cpu", copy=True)
     return replicated, experts
 
 
@@ -87,7 +89,7 @@ def save(module: torch.nn.Module, path: str, group: Optional[dist.ProcessGroup] 
     replicated, experts = local_state_dict(module, rank)
     shard = f"experts-{rank:05d}-of-{world:05d}.pt"
     torch.save(experts, os.path.join(path, shard))
-    keys = all_gather_object(group, (shard, sorted(experts)))
+    keys = all_gather_object(_host_group(module, group), (shard, sorted(experts)))
     if rank == 0:
         torch.save(replicated, os.path.join(path, "replicated.pt"))
         weight_map = {k: "replicated.pt" for k in sorted(replicated)}
@@ -102,6 +104,16 @@ def save(module: torch.nn.Module, path: str, group: Optional[dist.ProcessGroup] 
             json.dump(index, f, indent=1, sort_keys=True)
         os.replace(tmp, os.path.join(path, "index.json"))  # the index appears complete or not at all
     dist.barrier(group=group)
+
+
+def _host_group(module: torch.nn.Module, group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A group over the same ranks that moves CPU tensors (the layers' control side group when
+    the EP group is accelerator-only, as NCCL and HCCL groups are)."""
+    for layer in _moe_layers(module).values():
+        comm = layer.buffer.comm
+        if comm.group is group and comm.host_group is not None:
+            return comm.host_group
+    return group
 
 
 def _read_index(path: str) -> dict:
@@ -123,7 +135,8 @@ class _Files:
 
     def get(self, file: str, key: str) -> torch.Tensor:
         if file not in self.open:
-            self.open[file] = torch.load(os.path.join(self.path, file), mmap=True, weights_only=True)
+            self.open[file] = torch.load(os.path.join(self.path, file), mmap=True, weights_only=True,
+                                         map_location="cpu")
         return self.open[file][key]
 
 
