@@ -435,15 +435,17 @@ def test_low_latency_never_reads_the_host(world2):
 
 def test_host_reads_per_call(world2):
     """Host reads per call, with the default checks and with them off: DeepEP's budget, one read
-    per (non-cached) normal dispatch (the receive counts), none elsewhere. The first dispatch with a given expert count on a Buffer may make one more (the
-    per-expert count columns of the control round are sized then)."""
+    per (non-cached) normal dispatch (the receive counts), none elsewhere. The first dispatch
+    with a given expert count on a Buffer may make one more (the per-expert count columns of the
+    control round are sized then)."""
     got = outcome(world2[1], "host_read_counts")
     lines = []
     for label in ("defaults", "opt_out"):
         for call, (count, kinds, _) in got[0][label].items():
             lines.append(f"{label:9s} {call:22s} {count:3d} {kinds}")
     print("\nhost reads per call on rank 0:\n" + "\n".join(lines))
-    budget = {"get_dispatch_layout": 0, "first_dispatch": 2, "dispatch": 1, "cached_dispatch": 0, "combine": 0,
+    budget = {"get_dispatch_layout": 0, "first_dispatch": 2, "dispatch": 1, "cached_dispatch": 0,
+              "combine": 0,
               "low_latency_dispatch": 0, "low_latency_combine": 0}
     # The default checks fold their value checks into the control round: the same budget.
     over = [f"rank {r} {label} {call}: {got[r][label][call][0]} > {limit}\n{got[r][label][call][2]}"
