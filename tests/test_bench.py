@@ -3,9 +3,15 @@ bytes that match the routing's minimum."""
 
 import json
 
+import pytest
+import torch
 import torch.distributed as dist
 
-from flexep.cli.bench import BenchConfig, format_table, main, run_bench
+from flexep.accounting import routing_traffic, wire_row_bytes
+from flexep.cli.bench import BenchConfig, _routing, format_table, main, run_bench
+from flexep.topology import Topology
+
+pytestmark = pytest.mark.ranks
 
 LINKS = ("local", "intra", "inter")
 
@@ -25,10 +31,16 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys, gloo_world1):
         assert row in out, row
     summary = json.loads(path.read_text())
     (variant,) = summary["variants"]
-    for op in ("dispatch", "combine"):
-        assert _bytes(variant, op, "bytes") == _bytes(variant, op, "min") > 0
-        assert summary["times_s"][f"flat c1 {op}"] > 0 and summary["cpu_s"][f"flat c1 {op}"] >= 0
-    assert summary["ratio_vs_raw"] > 0 and summary["ratio_vs_naive"] > 0
+    # An independent count from the bench's own routing (the same seeds, no flexep call).
+    cfg = BenchConfig(world=2, tokens=16, hidden=256, experts=8, topk=4)
+    topks = [_routing(cfg, r, torch.device("cpu"))[1] for r in range(2)]
+    topo = Topology(2, 2)
+    dispatch_row = wire_row_bytes(256, torch.bfloat16, topk_ids=4, topk_weights=4, src_index=True)
+    for op, row in (("dispatch", dispatch_row), ("combine", wire_row_bytes(256, torch.bfloat16))):
+        want = routing_traffic(topks, 8, topo, row, hierarchical=False)
+        assert _bytes(variant, op, "bytes") == _bytes(variant, op, "min") == \
+            want["local"] + want["intra"] + want["inter"], op
+        assert {f"flat c1 {op}", "raw_dispatch", "naive"} <= set(summary["times_s"]), op
     assert dist.is_initialized() and dist.group.WORLD is gloo_world1
 
 
