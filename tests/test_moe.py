@@ -18,7 +18,14 @@ from groups import ep_subgroups
 import flexep
 from flexep.eplb import global_placement
 from flexep.launch import run_local
-from flexep.moe import MoEConfig, MoELayer, all_reduce_replicated_grads, deepseek_v3_route, grouped_mm
+from flexep.moe import (
+    GroupedExperts,
+    MoEConfig,
+    MoELayer,
+    all_reduce_replicated_grads,
+    deepseek_v3_route,
+    grouped_mm,
+)
 from flexep.moe.layer import grouped_mm_loop
 
 CFG = MoEConfig(hidden=16, intermediate=24, num_experts=8, topk=3, n_group=4, topk_group=2,
@@ -89,6 +96,17 @@ def test_grouped_mm_matches_segment_loop(a, b):
     ref = torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip([0, 3, 3, 8], [3, 3, 8, 9]))])
     torch.testing.assert_close(grouped_mm(x, w, counts), ref)
     torch.testing.assert_close(grouped_mm_loop(x, w, counts), ref)
+
+
+def test_grouped_experts_rows_do_not_depend_on_their_segment():
+    # A lone row (BLAS's matrix-vector path) must give the bits it gives inside a larger segment.
+    gen = torch.Generator().manual_seed(3)
+    experts = GroupedExperts.seeded(torch.arange(3), 16, 24, seed=1)
+    x = torch.randn(7, 16, generator=gen)
+    together = experts(x, torch.tensor([7, 0, 0]))
+    for i in range(7):
+        alone = experts(torch.cat([x[i:i + 1], x[:3]]), torch.tensor([1, 3, 0]))
+        assert torch.equal(alone[0], together[i]), i
 
 
 # ---- the distributed run ------------------------------------------------------------------------

@@ -24,15 +24,16 @@ R = max replicas of one expert, T tokens, K top-k.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .balance import _REL_TOL, colocated, greedy_pack, pack, pack_loads, replicate_counts, spread_labels
 
 __all__ = ["Placement", "replicate", "pack", "global_placement", "hierarchical_placement",
-           "rebalance", "rank_loads"]
+           "rebalance", "align_ranks", "rank_loads"]
 
 
 @dataclass(frozen=True)
@@ -242,11 +243,63 @@ def _swap_groups(assignment: list[tuple], node: Callable[[tuple], _Node]) -> lis
 
 
 def rebalance(load: torch.Tensor, num_physical: int, num_ranks: int, num_groups: int = 1,
-              num_nodes: int = 1, *, refine: bool = True) -> Placement:
-    """Pick the policy: hierarchical when groups split evenly over several nodes, else global."""
+              num_nodes: int = 1, *, refine: bool = True, current: Optional[Placement] = None) -> Placement:
+    """Pick the policy: hierarchical when groups split evenly over several nodes, else global.
+
+    With ``current`` (the placement in effect), the result's ranks are relabelled to keep as
+    many experts where they are as the policy allows (:func:`align_ranks`): the same balance,
+    fewer weights to move.
+    """
     if num_nodes > 1 and num_groups % num_nodes == 0:
-        return hierarchical_placement(load, num_physical, num_ranks, num_groups, num_nodes, refine=refine)
-    return global_placement(load, num_physical, num_ranks, refine=refine)
+        new = hierarchical_placement(load, num_physical, num_ranks, num_groups, num_nodes, refine=refine)
+        block = num_ranks // num_nodes
+    else:
+        new, block = global_placement(load, num_physical, num_ranks, refine=refine), num_ranks
+    return new if current is None else align_ranks(new, current, block)
+
+
+def align_ranks(new: Placement, current: Placement, block: int) -> Placement:
+    """``new`` with its ranks permuted to overlap ``current`` as much as a greedy matching finds.
+
+    Ranks move as blocks of ``block`` consecutive ranks (nodes: a hierarchical placement keeps
+    each node's groups together), then inside each block. Every rank keeps its set of experts,
+    so rank loads are only permuted. Overlap counts the experts a rank would not have to fetch.
+
+    Example (W = 2, block 2): current ``[0, 1 | 2, 3]``, new ``[2, 3 | 0, 1]`` -> ``[0, 1 | 2, 3]``.
+    """
+    if new.num_ranks != current.num_ranks:
+        raise ValueError(f"current has {current.num_ranks} ranks, new has {new.num_ranks}")
+    _check_divisible("num_ranks", new.num_ranks, "block", block)
+    mine = [Counter(r) for r in new.physical_to_logical.view(new.num_ranks, -1).tolist()]
+    theirs = [Counter(r) for r in current.physical_to_logical.view(current.num_ranks, -1).tolist()]
+
+    def overlap(a: Counter, b: Counter) -> int:
+        return sum((a & b).values())
+
+    blocks = range(new.num_ranks // block)
+    node_of = _match(blocks, blocks, lambda a, b: overlap(
+        sum((mine[a * block + i] for i in range(block)), Counter()),
+        sum((theirs[b * block + i] for i in range(block)), Counter())))
+    order = [0] * new.num_ranks  # order[target rank] = rank of new that moves there
+    for a, b in node_of.items():
+        inner = _match(range(block), range(block),
+                       lambda i, j, a=a, b=b: overlap(mine[a * block + i], theirs[b * block + j]))
+        for i, j in inner.items():
+            order[b * block + j] = a * block + i
+    p2l = new.physical_to_logical.view(new.num_ranks, -1)[order].flatten()
+    return Placement.from_physical_to_logical(p2l, new.num_logical, new.num_ranks)
+
+
+def _match(sources: range, targets: range, score: Callable[[int, int], int]) -> dict:
+    """Greedy maximum-overlap matching: pairs by descending score (ties: lower ids first)."""
+    pairs = sorted(((score(a, b), a, b) for a in sources for b in targets), key=lambda t: (-t[0], t[1], t[2]))
+    out: dict = {}
+    used: set = set()
+    for _, a, b in pairs:
+        if a not in out and b not in used:
+            out[a] = b
+            used.add(b)
+    return out
 
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:

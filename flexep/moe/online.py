@@ -5,8 +5,9 @@ to rank through the communicator (no files, no restart).
 
 1. the load is the layer's ``tokens_per_expert`` counters summed over the EP group (or one the
    caller passes; every rank must pass the same, checked);
-2. :func:`flexep.eplb.rebalance` computes a placement for it; the layer moves only if the
-   busiest rank's expected load drops (by ``min_improvement`` at least);
+2. :func:`flexep.eplb.rebalance` computes a placement for it, its ranks relabelled to keep
+   as many experts where they are as possible; the layer moves only if the busiest rank's
+   expected load drops (by ``min_improvement`` at least);
 3. :func:`move_experts` copies each new slot's expert from this rank when it holds one, else
    from a replica on the same node, else from another rank, with one
    :func:`flexep.moe.weights.fetch_rows` of the three weight tensors (an expert crosses to a
@@ -167,7 +168,8 @@ def rebalance_layer(layer, load: torch.Tensor, *, num_physical: Optional[int], n
     agree(comm, "load", bytes(str(load.tolist()), "ascii"))
     current = layer.placement
     new = rebalance(load, num_physical or current.num_physical, current.num_ranks,
-                    num_groups or config.n_group, num_nodes or comm.topology.num_nodes, refine=refine)
+                    num_groups or config.n_group, num_nodes or comm.topology.num_nodes, refine=refine,
+                    current=current)
     before, after = imbalance(load, current), imbalance(load, new)
     if after < before * (1.0 - float(min_improvement)):
         return RebalanceReport(new, True, load, before, after, layer.apply_placement(new))

@@ -166,10 +166,11 @@ def _deepseek_v2(logits: torch.Tensor, topk: int, n_group: int, topk_group: int,
     num_tokens, num_experts = logits.shape
     scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
     if n_group > 1:
-        group_scores = scores.view(num_tokens, n_group, num_experts // n_group).max(dim=-1).values
+        size = num_experts // n_group  # (no -1 in views: T may be 0)
+        group_scores = scores.view(num_tokens, n_group, size).max(dim=-1).values
         keep = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]
         kept = torch.zeros_like(group_scores).scatter_(1, keep, 1)
-        mask = kept.unsqueeze(-1).expand(num_tokens, n_group, num_experts // n_group).reshape(num_tokens, -1)
+        mask = kept.unsqueeze(-1).expand(num_tokens, n_group, size).reshape(num_tokens, num_experts)
         scores = scores.masked_fill(~mask.bool(), 0.0)
     weights, idx = torch.topk(scores, topk, dim=-1, sorted=False)
     if topk > 1 and norm:
