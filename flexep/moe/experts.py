@@ -63,10 +63,12 @@ def seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0
     return torch.randn(shape, generator=gen) * std
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+               sizes: Optional[list] = None) -> torch.Tensor:
     """Segment matmul: rows ``[offs[e-1], offs[e])`` of ``x: [S, A]`` times ``w[e]: [A, B]``.
 
-    ``counts: [L] int64`` rows per segment (summing to S). Returns ``[S, B]``. On CPU uses
+    ``counts: [L] int64`` rows per segment (summing to S); ``sizes``: the same as host ints
+    when the caller has them (saves the loop a device read). Returns ``[S, B]``. On CPU uses
     ``torch._grouped_mm`` when PyTorch provides it and the row strides are multiples of 16 bytes
     (its requirement), else one ``mm`` per segment; both give the same result (tested). On
     accelerators the loop runs: their grouped GEMMs have dtype and architecture limits that a
@@ -76,12 +78,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.stride(-1) == 1 \
             and w.stride(-1) == 1 and all(s * x.element_size() % 16 == 0 for s in strides):
         return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
-    return grouped_mm_loop(x, w, counts)
+    return grouped_mm_loop(x, w, counts, sizes)
 
 
-def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
+                    sizes: Optional[list] = None) -> torch.Tensor:
     """The fallback of :func:`grouped_mm`: one ``mm`` per segment."""
-    parts = torch.split(x, counts.tolist())
+    parts = torch.split(x, counts.tolist() if sizes is None else sizes)
     return torch.cat([p @ w[e] for e, p in enumerate(parts)]) if parts else x.new_zeros(0, w.size(-1))
 
 
@@ -117,9 +120,9 @@ class GroupedExperts(torch.nn.Module):
         A segment of one row is computed as two copies of it (see the module docstring), so a
         row's result does not depend on how many rows its expert received.
         """
-        sizes = counts.tolist()
+        sizes = counts.tolist()  # (the loop over segments needs them on the host anyway)
         if 1 not in sizes:
-            return self._swiglu(x, counts)
+            return self._swiglu(x, counts, sizes)
         source: list[int] = []  # row of x behind each padded row
         keep: list[int] = []  # padded row holding each row of x
         start = 0
@@ -127,13 +130,14 @@ class GroupedExperts(torch.nn.Module):
             keep += range(len(source), len(source) + n)
             source += [start] * 2 if n == 1 else range(start, start + n)
             start += n
-        padded = torch.tensor([2 if n == 1 else n for n in sizes], dtype=counts.dtype, device=counts.device)
-        out = self._swiglu(x.index_select(0, torch.tensor(source, device=x.device)), padded)
+        sizes = [2 if n == 1 else n for n in sizes]
+        padded = torch.tensor(sizes, dtype=counts.dtype, device=counts.device)
+        out = self._swiglu(x.index_select(0, torch.tensor(source, device=x.device)), padded, sizes)
         return out.index_select(0, torch.tensor(keep, device=x.device))
 
-    def _swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        h = pointwise(F.silu, grouped_mm(x, self.w_gate, counts)) * grouped_mm(x, self.w_up, counts)
-        return grouped_mm(h, self.w_down, counts)
+    def _swiglu(self, x: torch.Tensor, counts: torch.Tensor, sizes: list) -> torch.Tensor:
+        gate, up = grouped_mm(x, self.w_gate, counts, sizes), grouped_mm(x, self.w_up, counts, sizes)
+        return grouped_mm(pointwise(F.silu, gate) * up, self.w_down, counts, sizes)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [L, C, H]`` fixed-capacity slots -> ``[L, C, H]`` with one ``bmm`` per projection."""
