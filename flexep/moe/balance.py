@@ -3,12 +3,12 @@
 Pure Python on host lists (loads are statistics, not device data). :mod:`flexep.moe.eplb` builds
 its placement policies from three steps:
 
-* :func:`replicate` — replica counts that minimise the largest load per replica;
+* :func:`replicate_counts` — replica counts that minimise the largest load per replica;
 * :func:`greedy_pack` — heaviest item first into the lightest pack with room, which is the
   packing DeepSeek's EPLB uses (``balanced_packing``);
 * :func:`refine_pack` — local search after the greedy: swap items between the heaviest pack and
-  the others while that lowers the heaviest load, then swap away replicas of one expert that
-  share a rank wherever the heaviest load does not rise.
+  the others while that lowers the heaviest load, then (:func:`spread_labels`) swap away
+  replicas of one expert that share a rank wherever the heaviest load does not rise.
 
 :func:`pack` chains them. The refinement only ever accepts a lower maximum, so a refined packing
 is never less balanced than the greedy one it starts from.
@@ -24,7 +24,7 @@ __all__ = ["replicate_counts", "greedy_pack", "refine_pack", "spread_labels", "p
 
 # A swap must lower the heaviest load by more than this fraction of the total to count: floating
 # sums drift in the last bits and a search must not chase that noise.
-_REL_TOL = 1e-12
+REL_TOL = 1e-12
 
 
 def replicate_counts(load: Sequence[float], num_slots: int) -> list[int]:
@@ -101,7 +101,7 @@ def refine_pack(weights: Sequence[float], packs: Sequence[Sequence[int]],
     w = [float(x) for x in weights]
     packs = [list(p) for p in packs]
     loads = pack_loads(w, packs)
-    tol = _REL_TOL * max(sum(w), 1e-300)
+    tol = REL_TOL * max(sum(w), 1e-300)
     apart = labels is not None and prefer_apart
     while True:
         h = max(range(len(packs)), key=lambda q: (loads[q], -q))
@@ -186,8 +186,8 @@ def pack(weights: Sequence[float], num_packs: int, labels: Optional[Sequence[int
     ``refine=True``: the plain greedy improved by :func:`refine_pack` for balance alone and,
     with ``labels``, also preferring swaps that keep labels apart, and the label-avoiding
     greedy improved the same way; the result with the lower heaviest load wins, then the one
-    with fewer co-located labels. Returns the item indices of each pack,
-    ascending. Example: ``[5, 4, 3, 2], 2 -> [[0, 3], [1, 2]]``.
+    with fewer co-located labels. Returns the item indices of each pack, ascending.
+    Example: ``[5, 4, 3, 2], 2 -> [[0, 3], [1, 2]]``.
     """
     if not refine:
         return [sorted(p) for p in greedy_pack(weights, num_packs)]

@@ -6,7 +6,7 @@ so that the busiest rank does as little work as possible. Rank ``r`` holds the p
 ``[r * P/W, (r + 1) * P/W)``, the same contiguous layout :class:`~flexep.Buffer` uses, so
 dispatching to physical ids needs no change to the communication layer.
 
-Two policies, both greedy and deterministic (no randomness, ties broken by index):
+Two policies, as DeepSeek's EPLB (``rebalance_experts``), deterministic (ties by index):
 
 * **hierarchical** (``num_groups`` divisible by ``num_nodes``): pack whole expert groups onto
   nodes (equal group count per node, balanced load), so group-limited routing keeps a token's
@@ -15,8 +15,13 @@ Two policies, both greedy and deterministic (no randomness, ties broken by index
 * **global** (otherwise, or ``num_nodes == 1``): the same replication and packing over all ranks
   at once.
 
-Packing places heaviest items first on the lightest rank that still has room and, where it can,
-does not already hold a replica of the same expert (two replicas on one rank are wasted memory).
+Packing is DeepSeek's greedy (heaviest item first onto the lightest rank with room); with
+``refine=False`` the policies are DeepSeek's algorithm. ``refine=True`` (default) improves the
+greedy by swaps (:mod:`flexep.moe.balance`): items between the busiest rank and the others,
+whole groups between the node of the busiest rank and the others, then replicas of one expert
+that share a rank are separated wherever the busiest rank does not get busier (two replicas on
+one rank hold one expert's memory twice). A swap is taken only when it lowers the busiest rank,
+so a refined placement is never less balanced than DeepSeek's.
 
 Shape legend: E logical experts, P physical slots, W ranks, N nodes, G expert groups,
 R = max replicas of one expert, T tokens, K top-k.
@@ -30,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .balance import _REL_TOL, colocated, greedy_pack, pack, pack_loads, replicate_counts, spread_labels
+from .balance import REL_TOL, colocated, greedy_pack, pack, pack_loads, replicate_counts, spread_labels
 
 __all__ = ["Placement", "replicate", "pack", "global_placement", "hierarchical_placement",
            "rebalance", "align_ranks", "rank_loads"]
@@ -235,7 +240,7 @@ def _swap_groups(assignment: list[tuple], node: Callable[[tuple], _Node]) -> lis
                     mine_new = tuple(sorted(set(assignment[h]) - {a} | {b}))
                     theirs_new = tuple(sorted(set(theirs) - {b} | {a}))
                     worst = max(node(mine_new).heaviest, node(theirs_new).heaviest)
-                    if worst < now * (1 - _REL_TOL) and (best is None or worst < best[0]):
+                    if worst < now * (1 - REL_TOL) and (best is None or worst < best[0]):
                         best = (worst, n, mine_new, theirs_new)
         if best is None:
             return assignment
