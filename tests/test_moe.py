@@ -168,7 +168,10 @@ def _decode_worker(rank: int, world: int, x: torch.Tensor) -> dict:
         layer = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8, placement=placement)
         xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
         with torch.no_grad():
-            out[physical] = dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+            ll = layer(xs)
+            served_ll = layer.tokens_per_slot.clone()
+            out[physical] = dict(ll=ll, normal=layer(xs, low_latency=False), served_ll=served_ll,
+                                 served_both=layer.tokens_per_slot.clone())
     # FP8 dispatch: tokens whose values e4m3 holds exactly (|x| in {0, 1, 2, 4}, every
     # 128-block has amax 4), so dequantised tokens equal the inputs and the result is the normal
     # path's up to the scale's float32 rounding; a wrong dequantisation would be far off.
@@ -310,10 +313,19 @@ def test_low_latency_decode_matches_normal_mode(run):
             torch.testing.assert_close(dec[physical]["ll"], dec[physical]["normal"], rtol=1e-6,
                                        atol=1e-6, msg=f"rank {r}, {physical} physical experts")
         torch.testing.assert_close(dec["fp8"]["ll"], dec["fp8"]["normal"], rtol=1e-5, atol=1e-5)
+        for physical in (CFG.num_experts, 12):  # both paths count what each slot served alike
+            assert torch.equal(dec[physical]["served_both"], 2 * dec[physical]["served_ll"])
         bf16 = dec["bf16"]
         assert bf16["ll"].dtype == torch.bfloat16
         torch.testing.assert_close(bf16["ll"], bf16["normal"], rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(bf16["ll"].float(), bf16["fp32"], rtol=5e-2, atol=5e-2)
+
+
+def test_slots_serve_every_routed_pair(run):
+    _, _, _, results = run
+    for physical in (CFG.num_experts, 12):
+        served = sum(int(results[r]["decode"][physical]["served_ll"].sum()) for r in range(4))
+        assert served == 4 * 5 * CFG.topk, physical  # 5 decode tokens per rank, top-3
 
 
 def test_empty_rank_and_idle_experts_take_the_same_path(run):

@@ -172,3 +172,20 @@ def test_disagreements_raise_on_every_rank(results):
         message = "ranks passed different placements (rank(s) [3] differ from rank 0)"
         assert message in res["errors"]["placement"]
         assert torch.equal(res["still_serving"], res["B"]["y_after"])
+
+
+def test_rebalance_arguments_are_checked(gloo_world1):
+    layer = MoELayer(CFG, flexep.Buffer(dist.group.WORLD), seed=SEED)
+    with pytest.raises(ValueError, match=r"load must be a \[16\] tensor \(one value per logical expert\), "
+                                         r"got \(3,\)"):
+        layer.rebalance(torch.ones(3))
+    with pytest.raises(ValueError, match=r"min_improvement must be in \[0, 1\), got 1.0"):
+        layer.rebalance(torch.ones(16), min_improvement=1.0)
+    with pytest.raises(ValueError, match=r"placement is for 16 experts on 2 ranks, expected 16 experts on 1"):
+        layer.apply_placement(Placement.identity(16, 2))
+    # Without a correction bias the bias step only collects the load.
+    assert layer.e_score_correction_bias is None
+    with torch.no_grad():
+        layer(torch.randn(5, CFG.hidden))
+    assert int(layer.update_routing_bias().sum()) == 5 * CFG.topk
+    assert int(layer.tokens_per_expert.sum()) == 0

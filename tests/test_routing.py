@@ -216,6 +216,14 @@ def test_gpt_oss_matches_its_router(kind, dtype, preset):
     assert torch.equal(torch.zeros_like(logits).scatter_(1, idx, w), ref_scores)
 
 
+def test_near_tie_inputs_tie_at_the_cut():
+    # The near-tie inputs must make top-k choose among equal scores (else they test nothing):
+    # for most tokens the k-th and (k+1)-th largest logits are equal.
+    for experts, k in ((256, 8), (60, 4), (8, 2)):
+        top = logits_for(experts, "ties", torch.float32).topk(k + 1, dim=-1).values
+        assert (top[:, k - 1] == top[:, k]).float().mean() > 0.5, experts
+
+
 # ---- behaviour ------------------------------------------------------------------------------------
 def test_deepseek_v3_group_score_depends_on_the_bias():
     # Without a bias a group scores its best expert, with one the sum of its two best: the rules
