@@ -1,14 +1,15 @@
 """Stable import path: expert placement balancing lives in :mod:`flexep.moe.eplb`."""
 
 from .moe.eplb import (
-           Placement,
-           global_placement,
-           hierarchical_placement,
-           pack,
-           rank_loads,
-           rebalance,
-           replicate,
+    Placement,
+    align_ranks,
+    global_placement,
+    hierarchical_placement,
+    pack,
+    rank_loads,
+    rebalance,
+    replicate,
 )
 
 __all__ = ["Placement", "replicate", "pack", "global_placement", "hierarchical_placement", "rebalance",
-           "rank_loads"]
+           "align_ranks", "rank_loads"]
