@@ -91,7 +91,7 @@ class _Wire:
         """``[rows, nbytes] uint8``: the T token rows, then padding rows (ids -1, zeros else)."""
         tokens = self.data.size(0)
         out = torch.zeros(rows, self.nbytes, dtype=torch.uint8, device=self.data.device)
-        out[:tokens, :self.data_bytes] = self.data.reshape(tokens, -1).view(torch.uint8)
+        out[:tokens, :self.data_bytes] = self.data.contiguous().view(torch.uint8)
         if self.meta:
             end = self.data_padded + self.meta_bytes
             out[:tokens, self.data_padded:end] = pack_rows([p.contiguous() for p in self.meta])
