@@ -2,10 +2,9 @@
 
 ``from flexep.utils import per_token_cast_to_fp8, per_token_cast_back`` mirrors DeepEP's test
 utilities (``tests/utils.py``) so code written against them ports unchanged: the two FP8
-helpers follow DeepEP's exact arithmetic (hidden padded to a multiple of 128, dequantised rows
-returned as BF16), and ``inplace_unique``, ``create_grouped_scores``, ``align_up``, ``bench`` and
-``check_nvlink_connections`` are the same helpers, device-neutral. flexep's own quantiser
-(rounded and UE8M0 scales) lives in :mod:`flexep.quant`.
+helpers are :mod:`flexep.quant`'s (DeepEP's exact arithmetic, hidden padded to a multiple of
+128, dequantised rows returned as BF16), and ``inplace_unique``, ``create_grouped_scores``,
+``align_up``, ``bench`` and ``check_nvlink_connections`` are the same helpers, device-neutral.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import quant
 from .event import EventHandle, EventOverlap
-from .quant import pack_ue8m0, unpack_ue8m0
+from .quant import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, unpack_ue8m0
 
 __all__ = ["EventHandle", "EventOverlap", "per_token_cast_to_fp8", "per_token_cast_back", "pack_ue8m0",
            "unpack_ue8m0", "calc_diff", "hash_tensor", "align_up", "inplace_unique",
@@ -28,48 +26,6 @@ __all__ = ["EventHandle", "EventOverlap", "per_token_cast_to_fp8", "per_token_ca
 def align_up(x: int, y: int) -> int:
     """``x`` rounded up to a multiple of ``y``."""
     return (x + y - 1) // y * y
-
-
-def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False,
-                          use_ue8m0: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DeepEP's test cast: ``x [m, n]`` -> ``(e4m3 [m, n], scales [m, ceil(n/128)] float32)``.
-
-    Per token and 128-channel block: ``amax = max(|x|, 1e-4)``, value ``x * (448 / amax)``,
-    scale ``amax / 448``; ``n`` is zero-padded up to a multiple of 128 for the block maxima.
-    ``round_scale``/``use_ue8m0`` (flexep extensions) use :func:`flexep.quant.per_token_cast_to_fp8`.
-    """
-    if round_scale or use_ue8m0:
-        return quant.per_token_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
-    if x.dim() != 2:
-        raise ValueError(f"per_token_cast_to_fp8: x must be 2-D [tokens, hidden], got {list(x.shape)}")
-    m, n = x.shape
-    aligned_n = align_up(n, 128)
-    padded = torch.nn.functional.pad(x, (0, aligned_n - n), mode="constant", value=0).view(m, -1, 128)
-    amax = padded.abs().float().amax(dim=2).view(m, -1).clamp(1e-4)
-    q = (padded * (448.0 / amax.unsqueeze(2))).to(quant.fp8_dtype()).view(m, aligned_n)[:, :n]
-    return q.contiguous(), (amax / 448.0).view(m, -1)
-
-
-def per_token_cast_back(x_fp8: torch.Tensor, x_scales: torch.Tensor) -> torch.Tensor:
-    """DeepEP's inverse cast: ``(e4m3 [m, n], scales) -> bf16 [m, n]``.
-
-    ``x_scales`` is float32 ``[m, ceil(n/128)]``, or int32 packed UE8M0 (4 exponent bytes per
-    int32, read as ``byte << 23``); like DeepEP only its element order matters, so any view
-    with ``ceil(n/128)`` scales per row in row order works.
-    """
-    if x_fp8.numel() == 0:
-        return x_fp8.to(torch.bfloat16)
-    if x_fp8.dim() != 2:
-        raise ValueError(f"per_token_cast_back: x_fp8 must be 2-D, got {list(x_fp8.shape)}")
-    m, n = x_fp8.shape
-    aligned_n = align_up(n, 128)
-    padded = torch.nn.functional.pad(x_fp8.view(torch.uint8), (0, aligned_n - n), mode="constant",
-                                     value=0).view(x_fp8.dtype)
-    if x_scales.dtype == torch.int32:
-        x_scales = (x_scales.contiguous().view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
-    blocks = padded.to(torch.float32).view(m, -1, 128)
-    scales = x_scales.reshape(m, -1, 1)
-    return (blocks * scales).view(m, aligned_n).to(torch.bfloat16)[:, :n].contiguous()
 
 
 def inplace_unique(x: torch.Tensor, num_slots: int) -> None:

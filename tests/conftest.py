@@ -20,3 +20,30 @@ def gloo_world1():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
     yield dist.group.WORLD
+
+
+# ---- tiers: a fast pure tier first, then slow pure checks, multi-rank tests, fault injection ----
+TIERS = ("unit", "slow", "ranks", "faults")
+
+
+def pytest_configure(config):
+    for tier, what in zip(TIERS, ("fast, single process, no spawned ranks (the edit loop: pytest -m unit)",
+                                  "single process but slow (model fits, compilation, python -O)",
+                                  "spawns Gloo ranks; results against the oracle",
+                                  "spawns ranks and injects failures (kills, stalls, corruption)")):
+        config.addinivalue_line("markers", f"{tier}: {what}")
+
+
+def _tier(item) -> int:
+    for i, tier in enumerate(TIERS[1:], start=1):
+        if item.get_closest_marker(tier) is not None:
+            return i
+    return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unmarked tests are the unit tier; run the tiers in order, keeping file order inside."""
+    for item in items:
+        if _tier(item) == 0:
+            item.add_marker("unit")
+    items.sort(key=_tier)  # stable: file and definition order inside a tier

@@ -16,6 +16,8 @@ import flexep
 from flexep.launch import run_local
 from flexep.reference import ref_dispatch
 
+pytestmark = pytest.mark.ranks
+
 EXPERTS, HIDDEN, TOKENS, TOPK = 16, 8, 6, 3
 
 

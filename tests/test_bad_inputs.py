@@ -407,6 +407,7 @@ def test_validate_false_skips_value_checks(gloo_world1):
         buf.get_dispatch_layout(dup.float(), E)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(sys.flags.optimize > 0, reason="already running under python -O")
 def test_validation_survives_python_O():
@@ -442,6 +443,7 @@ def _world2_worker(rank: int, world: int, names: list) -> list:
     return report
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(120)
 def test_bad_input_on_one_of_two_ranks_raises_on_both():
     results = run_local(_world2_worker, 2, (WORLD2,), timeout=100)

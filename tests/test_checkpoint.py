@@ -88,6 +88,7 @@ def _global(results, key, size, part=None) -> torch.Tensor:
     return torch.cat(rows)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("tag", ["slot", "rank"])
 def test_reshard_outputs(run, tag):
     _, results = run
@@ -105,6 +106,7 @@ def test_reshard_outputs(run, tag):
         torch.testing.assert_close(after, ref, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.ranks
 def test_checkpoint_files_are_plain_per_expert_state_dicts(run):
     root, _ = run
     full4 = checkpoint.consolidate(os.path.join(root, "ep4-slot"))

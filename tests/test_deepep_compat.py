@@ -45,6 +45,8 @@ from flexep.utils import (
     per_token_cast_to_fp8,
 )
 
+pytestmark = pytest.mark.ranks
+
 HAS_LL = hasattr(flexep.Buffer, "low_latency_dispatch")
 needs_ll = pytest.mark.skipif(not HAS_LL, reason="flexep.Buffer has no low-latency mode yet")
 

@@ -44,6 +44,8 @@ from flexep import checkpoint
 from flexep.quant import per_token_cast_back
 from flexep.reference import ref_combine, ref_dispatch, ref_layout, ref_ll_combine, ref_ll_dispatch
 
+pytestmark = pytest.mark.ranks
+
 
 # ---- the harness can fail: device rules (in this process) ---------------------------------------
 def _rule_cases(dev):

@@ -180,6 +180,7 @@ def results():
     return run_local(_worker, 4, timeout=120)
 
 
+@pytest.mark.ranks
 def test_apply_placement_moves_weights_and_keeps_outputs(results):
     for res in results:
         out = res["layer"]
@@ -188,6 +189,7 @@ def test_apply_placement_moves_weights_and_keeps_outputs(results):
         assert torch.equal(out["back"], out["before"])
 
 
+@pytest.mark.ranks
 def test_dispatch_combine_with_replicas_is_exact(results):
     placement = results[0]["placement"]
     assert int(placement.replica_counts[0]) >= 2, "the hot expert must be replicated for this test"

@@ -3,6 +3,7 @@ every channel count, and traffic accounting checked against an independent routi
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from inputs import make_x, routing, weights
@@ -12,6 +13,8 @@ import flexep
 from flexep.accounting import routing_traffic
 from flexep.launch import run_local
 from flexep.topology import Topology
+
+pytestmark = pytest.mark.ranks
 
 HIDDEN = 256
 EXPERTS = 32

@@ -92,6 +92,7 @@ def _local_round_trip(x, topk_idx, weights, y_scale):
     return ll.sum_partials(partial, index, x.size(0)), out.recv_count
 
 
+@pytest.mark.slow
 def test_local_path_compiles_without_graph_breaks():
     """``fullgraph=True`` fails on any ``.item()``/``.tolist()``/data-dependent shape."""
     g = torch.Generator().manual_seed(0)
@@ -409,11 +410,13 @@ def _expert_outputs_no_sync(recv_x, handle):
     return torch.where((handle[0] >= 0).unsqueeze(-1), y, float("nan")).to(torch.bfloat16)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_low_latency_against_oracle(world):
     assert run_local(_worker, world, timeout=240) == ["ok"] * world
 
 
+@pytest.mark.ranks
 def test_benchmark_runs_and_checks_itself(tmp_path, capsys):
     from flexep.cli.bench_ll import run_low_latency_bench
 

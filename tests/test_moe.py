@@ -207,6 +207,7 @@ def _cat_ranks(results, size: int, slotwise: bool, key: str) -> torch.Tensor:
     return torch.cat([results[r]["sizes"][size, slotwise][key] for r in range(size)])
 
 
+@pytest.mark.ranks
 def test_layer_is_independent_of_ep_size(run):
     x, _, _, results = run
     for slotwise in (False, True):
@@ -265,6 +266,7 @@ def _global_experts(results, which: str) -> dict:
     return out
 
 
+@pytest.mark.ranks
 def test_training_parity_ep4_vs_single_process(run):
     x, target, head, results = run
     assert [int(i) for r in range(4) for i in results[r]["train"]["ids"]] == list(range(8))
@@ -284,6 +286,7 @@ def test_training_parity_ep4_vs_single_process(run):
     assert ref_bias.abs().sum() > 0
 
 
+@pytest.mark.ranks
 def test_low_latency_decode_matches_normal_mode(run):
     _, _, _, results = run
     for r in range(4):
@@ -298,6 +301,7 @@ def test_low_latency_decode_matches_normal_mode(run):
         torch.testing.assert_close(bf16["ll"].float(), bf16["fp32"], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.ranks
 def test_empty_rank_and_idle_experts_take_the_same_path(run):
     _, _, _, results = run
     ep4 = torch.cat([results[r]["edge"][4] for r in range(4)])

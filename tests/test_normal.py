@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 import torch
 import torch.distributed as dist
 from inputs import make_x, routing, weights
@@ -17,6 +18,8 @@ import flexep
 from flexep.launch import run_local
 from flexep.quant import per_token_cast_back
 from flexep.reference import ref_combine, ref_dispatch, ref_layout
+
+pytestmark = pytest.mark.ranks
 
 HIDDEN = 512
 

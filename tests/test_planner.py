@@ -124,6 +124,7 @@ def _hier_available() -> bool:
     return os.path.exists(os.path.join(os.path.dirname(flexep.__file__), "hierarchical.py"))
 
 
+@pytest.mark.ranks
 def test_predicted_bytes_equal_real_gloo_run():
     world, topo = 4, Topology(4, 2)
     modes = ("flat", "hierarchical") if _hier_available() else ("flat",)

@@ -65,6 +65,7 @@ def test_calibration_table_is_printed(calibration):
     assert text.count("\n") == len(calibration) + 2 + len(TABLES)
 
 
+@pytest.mark.slow
 def test_shipped_constants_are_the_fit(cases):
     # profiles/fitted.py must be what the fit gives today: a model change without a refit fails.
     vals, _ = fit(cases)
@@ -77,6 +78,7 @@ def cv(cases):
     return cross_validate(cases)
 
 
+@pytest.mark.slow
 def test_leave_one_table_out(cv):
     assert set(cv) == set(TABLES)
     worst = {t: max(abs(r.rel_error) for r in rows) for t, rows in cv.items()}
@@ -88,6 +90,7 @@ def test_leave_one_table_out(cv):
     assert worst["v1_normal_ibrc"] < 0.40, worst
 
 
+@pytest.mark.slow
 def test_cli_calibrate(cases, cv, capsys, monkeypatch):
     from flexep.planner import calibration as cal
     monkeypatch.setattr(cal, "prepare", lambda rows, seed=0: cases)  # reuse the module's samples

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from flexep import Buffer
 from flexep.launch import free_port, run_local
 
+pytestmark = pytest.mark.faults
+
 T_FAULT = 3.0  # Buffer(timeout=...) of the fault scenarios
 MARGIN = 8.0  # allowed lateness on a loaded 2-core box (roll call window included)
 SPAWN_LIMIT = 90.0  # parent deadline for one spawn

@@ -22,6 +22,7 @@ def _run(capsys, *argv: str) -> dict:
     return rep
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_short_stress_run_normal_mode(capsys):
     rep = _run(capsys, "--iters", "200", "--no-ll")
@@ -32,6 +33,7 @@ def test_short_stress_run_normal_mode(capsys):
     assert rep["growth"]["threads"] <= 2 and rep["growth"]["fds"] <= 4, rep["growth"]  # no leak (F3)
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_short_stress_run_hierarchical(capsys):
     """World 4 as 2 virtual nodes of 2: the hierarchical path under verify and the oracle."""
@@ -40,6 +42,7 @@ def test_short_stress_run_hierarchical(capsys):
     assert rep["mismatches"] == 0, rep["problems"]
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_short_stress_run_with_low_latency(capsys):
     if not hasattr(Buffer, "low_latency_dispatch"):

@@ -14,6 +14,7 @@ Shape legend: :mod:`flexep.algorithms.contract`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,7 +33,15 @@ from .contract import (
     NormalHandle,
     Sends,
 )
-from .packing import gather_rows, pack_token_meta, padded_rows, send_order, unpack_rows
+from .packing import (
+    exchange,
+    fuse_rows,
+    gather_rows,
+    pack_token_meta,
+    padded_rows,
+    send_order,
+    unpack_rows,
+)
 from .reduce import sum_blocks
 
 __all__ = ["Flat", "FlatRoute", "Received", "finish_receive"]
@@ -114,8 +123,8 @@ class Flat:
         meta_recv = staged.meta.new_empty(num_recv, staged.meta.size(1))
         recv_x = padded_rows(req.x, rows, num_recv)
         tp.fault_point("before_payload")
-        tp.all_to_all("payload", [staged.x, staged.meta], [recv_x[:num_recv], meta_recv],
-                      send_counts, recv_counts)
+        exchange(tp, "payload", [staged.x, staged.meta], [recv_x[:num_recv], meta_recv], send_counts,
+                 recv_counts, fuse_rows(header.counts, _row_bytes([req.x, staged.meta])))
         recv = finish_receive(unpack_rows(meta_recv, staged.specs), rows, num_recv, req, rank, tp.world)
         handle = NormalHandle(
             is_token_in_rank=req.is_token_in_rank, recv_src_idx=recv.src_idx, counts=header.counts,
@@ -139,7 +148,8 @@ class Flat:
             sends.append(req.scales.index_select(0, route.order))
             recvs.append(recv_scales[:num_recv])
         tp.fault_point("before_payload")
-        tp.all_to_all("payload", sends, recvs, route.send_counts, route.recv_counts)
+        exchange(tp, "payload", sends, recvs, route.send_counts, route.recv_counts,
+                 fuse_rows(h.counts, _row_bytes(sends)))
         return Dispatched(recv_x, recv_scales, None, None, None, h)
 
     def combine(self, req: CombineRequest) -> Combined:
@@ -156,9 +166,15 @@ class Flat:
             sends.append(req.topk_weights[:num_recv])
             recvs.append(w_back)
         tp.fault_point("before_payload")
-        tp.all_to_all("payload", sends, recvs, route.recv_counts, route.send_counts)
+        exchange(tp, "payload", sends, recvs, route.recv_counts, route.send_counts,
+                 fuse_rows(h.counts, _row_bytes(sends)))
         out = sum_blocks(back, route.order, route.send_counts, h.num_tokens, req.bias, ws)
         combined_w = None
         if w_back is not None:
             combined_w = sum_blocks(w_back, route.order, route.send_counts, h.num_tokens)
         return Combined(out, combined_w)
+
+
+def _row_bytes(tensors) -> int:
+    """Bytes of one row across row-aligned tensors (each ``[R, ...]``)."""
+    return sum(math.prod(t.shape[1:]) * wire_view(t).element_size() for t in tensors)

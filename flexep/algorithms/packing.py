@@ -12,11 +12,41 @@ from typing import Optional, Sequence
 import torch
 
 from .._dtypes import wire_view
+from ..comm.transport import Transport
 from ..comm.workspace import Workspace
 
-__all__ = ["true_positions", "send_order", "pack_rows", "unpack_rows", "pack_token_meta",
-           "gather_rows", "padded_rows", "position_in_group", "channel_prefix", "recv_channel_prefix",
-           "segment_ids"]
+__all__ = ["exchange", "fuse_rows", "true_positions", "send_order", "pack_rows", "unpack_rows",
+           "pack_token_meta", "gather_rows", "padded_rows", "position_in_group", "channel_prefix",
+           "recv_channel_prefix", "segment_ids"]
+
+# Below this many bytes sent by the busiest rank, the row tensors of one exchange travel packed
+# in one message per peer: a collective round costs more than copying a few small rows twice.
+FUSE_BYTES = 2 << 20
+
+
+def fuse_rows(counts: torch.Tensor, row_bytes: int) -> bool:
+    """Whether an exchange packs its tensors into one: decided from the routing's ``[W, W]`` host
+    count matrix, which every rank holds, so every rank decides alike."""
+    return int(counts.sum(1).max()) * row_bytes <= FUSE_BYTES if counts.numel() else True
+
+
+def exchange(tp: Transport, phase: str, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor],
+             send_counts: Sequence[int], recv_counts: Sequence[int], fuse: bool, **kw) -> None:
+    """:meth:`Transport.all_to_all` of row-aligned tensor pairs, as one packed message per peer
+    when ``fuse`` (and there are several tensors), else one exchange per tensor."""
+    if not fuse or len(sends) == 1:
+        tp.all_to_all(phase, sends, recvs, send_counts, recv_counts, **kw)
+        return
+    packed = pack_rows(sends)
+    got = packed.new_empty(sum(recv_counts), packed.size(1))
+    tp.all_to_all(phase, [packed], [got], send_counts, recv_counts, **kw)
+    col = 0
+    for r in recvs:  # receive tensors are contiguous (fresh or workspace rows)
+        width = math.prod(r.shape[1:]) * r.element_size()
+        if r.numel():
+            rows = wire_view(r).view(torch.uint8).view(r.size(0), width)
+            rows.copy_(got[:, col:col + width])
+        col += width
 
 
 def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:

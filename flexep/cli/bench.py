@@ -21,31 +21,37 @@ the launched ranks instead of spawning local ones.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..buffer import Buffer
 from ..comm.objects import all_gather_object
-from ..launch import init_from_env, run_local
+from ..deepep.buffer import Buffer
+from .common import (
+    add_run_args,
+    add_shape_args,
+    compare,
+    run_ranks,
+    slowest_median,
+    timed,
+    under_torchrun,
+    write_json,
+)
 
-__all__ = ["BenchConfig", "run_bench", "main", "format_table"]
+__all__ = ["BenchConfig", "run_bench", "main", "add_args", "run", "format_table"]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Shape of the benchmark traffic and how to run it.
 
-    ``channels`` lists the channel counts to time; with ``ranks_per_node`` smaller than the
-    world (virtual or real nodes) every channel count runs both the flat and the hierarchical
-    algorithm, in the same iterations.
+    ``channels`` lists the channel counts to time. Over several nodes (real ones, or virtual ones
+    from ``ranks_per_node`` below the world size) every channel count runs both the
+    hierarchical and the flat algorithm, in the same iterations; the node shape is detected
+    (``ranks_per_node=None``: torchrun's ``LOCAL_WORLD_SIZE``, else host names).
     """
 
     world: int = 4
@@ -61,31 +67,19 @@ class BenchConfig:
     fp8: bool = False
     seed: int = 0
 
-    def variants(self) -> list[tuple[str, bool, int]]:
+    def variants(self, multi_node: bool) -> list[tuple[str, bool, int]]:
         """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
-        multi = self.ranks_per_node is not None and self.ranks_per_node < self.world
-        kinds = [("hier", True), ("flat", False)] if multi and self.hierarchical else [("flat", False)]
+        kinds = [("hier", True), ("flat", False)] if multi_node and self.hierarchical else [("flat", False)]
         return [(f"{k} c{c}", h, c) for k, h in kinds for c in self.channels]
 
 
-def _routing(cfg: BenchConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing(cfg: BenchConfig, rank: int, device: torch.device) -> tuple:
+    """``x [T, H] bf16``, ``topk_idx [T, K]`` of random scores, their weights; on ``device``."""
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     scores = torch.rand(cfg.tokens, cfg.experts, generator=gen) + 1e-3
     topk_w, topk_idx = scores.topk(cfg.topk, dim=1)
     x = torch.randn(cfg.tokens, cfg.hidden, generator=gen).to(torch.bfloat16)
-    return x, topk_idx, topk_w.float()
-
-
-def _timed(fn, *args):
-    """``fn(*args)`` and ``(wall time, this process's CPU time)``, all ranks starting together.
-
-    CPU time counts every thread of the rank (the backend's transfer threads too); on a host
-    where ranks outnumber cores it is the steadier measure of what a phase costs.
-    """
-    dist.barrier()
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return out, (time.perf_counter() - start, time.process_time() - cpu)
+    return x.to(device), topk_idx.to(device), topk_w.float().to(device)
 
 
 def _naive(buf_group, x, topk_idx, topk_w, experts, rank, world):
@@ -104,18 +98,22 @@ def _naive(buf_group, x, topk_idx, topk_w, experts, rank, world):
     dist.all_to_all_single(recv, send, rc, sc, group=buf_group)
     back = x.new_empty(send.shape)
     dist.all_to_all_single(back, recv, sc, rc, group=buf_group)
-    out = torch.zeros(x.shape, dtype=torch.float32)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of, back.float() * topk_w.flatten()[order].unsqueeze(1))
     return out.to(x.dtype), sum(sc) * x.size(1) * x.element_size()
 
 
-def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
+def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig) -> dict:
     group = dist.group.WORLD
-    buffers = {name: Buffer(group, ranks_per_node=cfg.ranks_per_node, hierarchical=hier,
+    probe = Buffer(group, ranks_per_node=cfg.ranks_per_node, explicitly_destroy=True)
+    topology = probe.topology
+    probe.destroy()
+    variants = cfg.variants(topology.is_multi_node)
+    buffers = {name: Buffer(group, ranks_per_node=topology.ranks_per_node, hierarchical=hier,
                             num_channels=c, explicitly_destroy=True)
-               for name, hier, c in cfg.variants()}
+               for name, hier, c in variants}
     main = next(iter(buffers.values()))
-    x, topk_idx, topk_w = _routing(cfg, rank)
+    x, topk_idx, topk_w = _routing(cfg, rank, device)
     x_in = x
     if cfg.fp8:
         from ..quant import per_token_cast_to_fp8
@@ -135,7 +133,7 @@ def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
         if not torch.allclose(combined.float(), expect, rtol=2e-2, atol=2e-2):
             raise RuntimeError(f"bench self-check failed on rank {rank}")
 
-    raw = _raw_buffers(cfg, lay[3], rank, world)
+    raw = _raw_buffers(cfg, lay[3], rank, world, device)
     times: dict = {k: [] for k in ["layout", "raw_dispatch", "raw_combine", "floor_dispatch",
                                    "floor_combine", "naive"]}
     traffic: dict = {}
@@ -143,22 +141,22 @@ def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
         times[f"{name} dispatch"], times[f"{name} combine"] = [], []
     for it in range(cfg.warmup + cfg.iters):
         keep = it >= cfg.warmup
-        lay, t = _timed(main.get_dispatch_layout, topk_idx, cfg.experts)
+        lay, t = timed(main.get_dispatch_layout, topk_idx, cfg.experts)
         sample = {"layout": t}
         for name, buf in buffers.items():
-            res, sample[f"{name} dispatch"] = _timed(dispatch, buf, lay)
+            res, sample[f"{name} dispatch"] = timed(dispatch, buf, lay)
             traffic[f"{name} dispatch"] = _stats(buf)
-            _, sample[f"{name} combine"] = _timed(buf.combine, _plain(res[0]), res[4])
+            _, sample[f"{name} combine"] = timed(buf.combine, _plain(res[0]), res[4])
             traffic[f"{name} combine"] = _stats(buf)
             if buf is main:
                 handle = res[4]
-        _, sample["raw_dispatch"] = _timed(_raw_a2a, raw, "send", "recv_counts", "send_counts")
-        _, sample["raw_combine"] = _timed(_raw_a2a, raw, "back_src", "send_counts", "recv_counts")
-        _, sample["floor_dispatch"] = _timed(dist.all_to_all_single, raw["recv"], raw["send"],
+        _, sample["raw_dispatch"] = timed(_raw_a2a, raw, "send", "recv_counts", "send_counts")
+        _, sample["raw_combine"] = timed(_raw_a2a, raw, "back_src", "send_counts", "recv_counts")
+        _, sample["floor_dispatch"] = timed(dist.all_to_all_single, raw["recv"], raw["send"],
                                              raw["recv_counts"], raw["send_counts"])
-        _, sample["floor_combine"] = _timed(dist.all_to_all_single, raw["back_dst"], raw["back_src"],
+        _, sample["floor_combine"] = timed(dist.all_to_all_single, raw["back_dst"], raw["back_src"],
                                             raw["send_counts"], raw["recv_counts"])
-        (_, naive_bytes), sample["naive"] = _timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
+        (_, naive_bytes), sample["naive"] = timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
                                                    rank, world)
         if keep:
             for k, v in sample.items():
@@ -169,7 +167,8 @@ def _bench_worker(rank: int, world: int, cfg: BenchConfig) -> dict:
     del handle
     for buf in buffers.values():
         buf.destroy()
-    return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, raw_bytes=raw["bytes"])
+    return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, raw_bytes=raw["bytes"],
+                ranks_per_node=topology.ranks_per_node, variants=variants, device=str(device))
 
 
 def _raw_a2a(raw: dict, send: str, out_counts: str, in_counts: str) -> torch.Tensor:
@@ -181,7 +180,8 @@ def _raw_a2a(raw: dict, send: str, out_counts: str, in_counts: str) -> torch.Ten
     return out
 
 
-def _raw_buffers(cfg: BenchConfig, is_token_in_rank: torch.Tensor, rank: int, world: int) -> dict:
+def _raw_buffers(cfg: BenchConfig, is_token_in_rank: torch.Tensor, rank: int, world: int,
+                 device: torch.device) -> dict:
     """Buffers for raw ``all_to_all_single`` of flat dispatch's rows and combine's rows.
 
     Send buffers are allocated once and written before timing. The baseline receives into a
@@ -189,13 +189,13 @@ def _raw_buffers(cfg: BenchConfig, is_token_in_rank: torch.Tensor, rank: int, wo
     so it times the transport alone.
     """
     send_counts = is_token_in_rank.sum(0).tolist()
-    gathered = all_gather_object(None, send_counts)
+    gathered = all_gather_object(None, send_counts, device if device.type != "cpu" else None)
     recv_counts = [gathered[s][rank] for s in range(world)]
     row = cfg.hidden * (1 if cfg.fp8 else 2) + _meta_bytes(cfg)
     back_row = cfg.hidden * 2
 
     def touched(n: int, width: int) -> torch.Tensor:
-        return torch.ones(n, width, dtype=torch.uint8)
+        return torch.ones(n, width, dtype=torch.uint8, device=device)
 
     return dict(send=touched(sum(send_counts), row), recv=touched(sum(recv_counts), row),
                 back_src=touched(sum(recv_counts), back_row), back_dst=touched(sum(send_counts), back_row),
@@ -225,19 +225,15 @@ def _stats(buf: Buffer) -> dict:
 
 def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
     """Slowest rank per iteration, median over iterations; bytes summed over ranks."""
-    def phase(name, which):
-        per_iter = list(zip(*[r["times"][name] for r in per_rank]))
-        return statistics.median(max(v[which] for v in it) for it in per_iter)
-
     world = len(per_rank)
-    t = {k: phase(k, 0) for k in per_rank[0]["times"]}
-    cpu = {k: phase(k, 1) for k in per_rank[0]["times"]}
+    t = slowest_median([r["times"] for r in per_rank], 0)
+    cpu = slowest_median([r["times"] for r in per_rank], 1)
 
     def total(key, field, link):
         return sum(r["traffic"][key][field][link] for r in per_rank)
 
     variants = []
-    for name, hier, channels in cfg.variants():
+    for name, hier, channels in per_rank[0]["variants"]:
         row = dict(name=name, hierarchical=hier, channels=channels,
                    dispatch_s=t[f"{name} dispatch"], combine_s=t[f"{name} combine"])
         for op in ("dispatch", "combine"):
@@ -248,7 +244,9 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
     main = variants[0]
     ours = main["dispatch_s"] + main["combine_s"]
     raw = t["raw_dispatch"] + t["raw_combine"]
-    return dict(config=asdict(cfg), times_s=t, cpu_s=cpu, variants=variants, world=world,
+    config = dict(asdict(cfg), world=world, ranks_per_node=per_rank[0]["ranks_per_node"],
+                  device=per_rank[0]["device"])
+    return dict(config=config, times_s=t, cpu_s=cpu, variants=variants, world=world,
                 raw_bytes_per_rank=max(r["raw_bytes"] for r in per_rank),
                 naive_bytes_per_rank=max(r["naive_bytes"] for r in per_rank),
                 ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"],
@@ -268,7 +266,8 @@ def format_table(s: dict) -> str:
              "'vs min' is that total over the routing's minimum)",
              f"flexep bench: world {c['world']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
              f"top-{c['topk']} of {c['experts']} experts, {'FP8' if c['fp8'] else 'BF16'} dispatch, "
-             f"BF16 combine, ranks/node {c['ranks_per_node'] or c['world']}",
+             f"BF16 combine, ranks/node {c['ranks_per_node']} "
+             f"({c['world'] // c['ranks_per_node']} node(s)), device {c['device']}",
              f"{'phase':<34}{'time ms':>9}{'cpu ms':>8}{'GB/s/rank':>11}{'MB/rank':>9}{'vs min':>8}"
              f"{'inter MB':>10}",
              "-" * 89]
@@ -295,19 +294,30 @@ def format_table(s: dict) -> str:
     line("  same, into reused buffers (floor)", ["floor_dispatch", "floor_combine"],
          s["raw_bytes_per_rank"])
     line("naive per-(token,expert) a2a", ["naive"], 2 * s["naive_bytes_per_rank"])
-    lines.append(f"dispatch+combine ({main['name']}) / raw all_to_all: {s['ratio_vs_raw']:.2f}x "
-                 f"(/ floor {s['ratio_vs_floor']:.2f}x; CPU time {s['cpu_ratio_vs_raw']:.2f}x);  "
-                 f"/ naive per-(token,expert): {s['ratio_vs_naive']:.2f}x")
+    ours = main["dispatch_s"] + main["combine_s"]
+    raw = t["raw_dispatch"] + t["raw_combine"]
+    floor = t["floor_dispatch"] + t["floor_combine"]
+    sent = sum(main[f"{op}_{k}_bytes"] for op in ("dispatch", "combine") for k in links)
+    low = sum(main[f"{op}_{k}_min"] for op in ("dispatch", "combine") for k in links)
+    lines.append("")
+    lines.append(f"flexep dispatch+combine ({main['name']}) took {ours * 1e3:.1f} ms: "
+                 f"{compare(ours, raw, 'raw all_to_all_single of the same bytes')} "
+                 f"({compare(ours, floor, 'the same into reused buffers')}; CPU time "
+                 f"{s['cpu_ratio_vs_raw']:.2f}x raw), "
+                 f"{compare(ours, t['naive'], 'a naive per-(token, expert) exchange')} that moves "
+                 f"{_ratio(2 * s['naive_bytes_per_rank'] * world, sent)} the bytes; "
+                 f"bytes sent {_ratio(sent, low)} the routing's minimum.")
     flat = [v for v in s["variants"] if not v["hierarchical"]]
     hier = [v for v in s["variants"] if v["hierarchical"]]
     if flat and hier:
         f, h = flat[0], hier[0]
-        hier_time = (h["dispatch_s"] + h["combine_s"]) / (f["dispatch_s"] + f["combine_s"])
-        lines.append(f"inter-node dispatch bytes: hierarchical {h['dispatch_inter_bytes'] / 1e6:.2f} MB "
-                     f"({_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} of its minimum) vs "
-                     f"flat {f['dispatch_inter_bytes'] / 1e6:.2f} MB: "
-                     f"{_ratio(f['dispatch_inter_bytes'], h['dispatch_inter_bytes'])} fewer; "
-                     f"time hier/flat {hier_time:.2f}x")
+        fewer = _ratio(f["dispatch_inter_bytes"], h["dispatch_inter_bytes"])
+        lines.append(f"Hierarchical sends {fewer} fewer inter-node dispatch bytes than flat "
+                     f"({h['dispatch_inter_bytes'] / 1e6:.2f} vs "
+                     f"{f['dispatch_inter_bytes'] / 1e6:.2f} MB, "
+                     f"{_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} its minimum) and is "
+                     f"{compare(h['dispatch_s'] + h['combine_s'], f['dispatch_s'] + f['combine_s'], 'flat')} "
+                     "here (all links of one host are equally fast; see docs/benchmarks.md for a network).")
     return "\n".join(lines)
 
 
@@ -341,82 +351,67 @@ def plot(s: dict, path: str) -> None:
     ax_t.set_title("Time per variant")
     ax_t.legend(fontsize=8)
     c = s["config"]
-    fig.suptitle(f"flexep: world {c['world']}, ranks/node {c['ranks_per_node'] or c['world']}, "
+    fig.suptitle(f"flexep: world {c['world']}, ranks/node {c['ranks_per_node']}, "
                  f"{c['tokens']} tokens/rank, hidden {c['hidden']}, top-{c['topk']}/{c['experts']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark on local Gloo ranks (or the torchrun ranks) and summarise it."""
-    if _under_torchrun():
-        init_from_env()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        cfg = replace(cfg, world=world)
-        mine = _bench_worker(rank, world, cfg)
-        gathered = all_gather_object(None, mine)
-        dist.barrier()
-        return _summarise(cfg, gathered)
-    per_rank = run_local(_bench_worker, cfg.world, (cfg,), timeout=3600)
-    return _summarise(cfg, per_rank)
+    return _summarise(cfg, run_ranks(_bench_worker, cfg.world, (cfg,)))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """``flexep bench`` options (shared by every mode)."""
     d = BenchConfig()
-    p.add_argument("--world", type=int, default=d.world, help="local ranks to spawn (Gloo)")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--experts", type=int, default=d.experts)
-    p.add_argument("--topk", type=int, default=d.topk)
-    p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--ranks-per-node", type=int, default=None, help="virtual node size")
-    p.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
-    p.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
-    p.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 with per-128 scales")
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
-    p.add_argument("--quick", action="store_true",
-                   help="a short run (256 tokens/rank, hidden 2048, 2 iterations): checks the set-up")
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
-                   help="normal (default) or low-latency (decode: 128 tokens/rank by default)")
+                   help="normal (default) or low-latency (decode batches: 1, 8 and 128 tokens/rank)")
+    add_shape_args(p, tokens=d.tokens)
+    add_run_args(p, iters=d.iters)
+    g = p.add_argument_group("topology and channels")
+    g.add_argument("--ranks-per-node", type=int, default=None,
+                   help="node size (default: detected; smaller than the world makes virtual nodes)")
+    g.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
+    g.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     if a.quick:
-        a.tokens, a.hidden, a.iters, a.warmup = 256, 2048, 2, 1
+        a.tokens, a.hidden, a.iters, a.warmup = min(a.tokens, 256), min(a.hidden, 2048), 2, 1
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
-                       hierarchical=not a.flat, fp8=a.fp8,
+                       hierarchical=not a.flat, fp8=a.fp8, seed=a.seed,
                        channels=tuple(int(c) for c in str(a.channels).split(",")))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="flexep bench", description=__doc__.split("\n")[0])
-    add_args(p)
-    a = p.parse_args(argv)
+def run(a: argparse.Namespace) -> int:
+    """Run ``flexep bench`` with parsed options; print on one rank; 0 on success."""
     if a.mode == "low-latency":
-        from .bench_ll import run_low_latency_bench
-        tokens = a.tokens if "--tokens" in (argv or sys.argv) else 128
-        run_low_latency_bench(world_size=a.world, num_tokens=tokens, hidden=a.hidden,
-                              num_topk=a.topk, num_experts=a.experts, json_path=a.json)
-        return 0
+        from .bench_ll import run as run_low_latency
+        return run_low_latency(a)
     summary = run_bench(config_from_args(a))
-    if _under_torchrun():  # rank 0 reports, everyone leaves the group cleanly
-        is_reporter = dist.get_rank() == 0
+    if under_torchrun():  # the launched ranks leave the group they joined; rank 0 reports
+        reporter = dist.get_rank() == 0
         dist.destroy_process_group()
-        if not is_reporter:
+        if not reporter:
             return 0
     print(format_table(summary))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(a.json, summary)
     if a.plot:
         plot(summary, a.plot)
         print(f"plot written to {a.plot}")
     return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="flexep bench", description=__doc__.split("\n")[0])
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,7 +32,7 @@ from ..launch import run_local
 from ..quant import per_token_cast_to_fp8
 from ..utils import calc_diff
 
-__all__ = ["run_low_latency_bench", "format_table", "main"]
+__all__ = ["run_low_latency_bench", "format_table", "main", "run"]
 
 PHASES = (
     ("ll_dispatch_fp8", "LL dispatch FP8"),
@@ -205,3 +205,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run(a) -> int:
+    """``flexep bench --mode low-latency`` with the options ``flexep bench`` parsed."""
+    tokens = 128 if a.tokens == 1024 else a.tokens  # the normal-mode default is not a decode batch
+    if a.quick:
+        tokens, a.hidden = min(tokens, 16), min(a.hidden, 1024)
+    run_low_latency_bench(world_size=a.world, num_tokens=tokens, hidden=a.hidden, num_topk=a.topk,
+                          num_experts=a.experts, json_path=a.json)
+    return 0

@@ -158,26 +158,37 @@ def _sent_bytes(buf) -> int:
     return sum(buf.last_traffic.sent.values())
 
 
-def _normal_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> list[str]:
-    """One normal-mode round; returns the mismatches found."""
+def _to(t, device: torch.device):
+    """``t`` (a tensor, a tuple of tensors or None) on ``device``."""
+    if isinstance(t, tuple):
+        return tuple(_to(p, device) for p in t)
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+def _normal_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally,
+                      device: Optional[torch.device] = None) -> list[str]:
+    """One normal-mode round on ``device``; returns the mismatches found (checked on the host)."""
     from ..layout import aligned_expert_counts
     from ..reference import ref_dispatch
 
     x, idx, w = everyone[rank]
+    device = device or torch.device("cpu")
+    dx, didx, dw = _to(x, device), _to(idx, device), _to(w, device)
     problems: list[str] = []
     start = time.perf_counter()
-    ntr, _, nte, itr, _ = buf.get_dispatch_layout(idx, case.experts)
+    ntr, _, nte, itr, _ = buf.get_dispatch_layout(didx, case.experts)
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte, topk_idx=idx,
-        topk_weights=w, expert_alignment=case.alignment)
+        dx, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte, topk_idx=didx,
+        topk_weights=dw, expert_alignment=case.alignment)
     moved = _sent_bytes(buf)
     cached = None
     if case.cached:
-        cached = buf.dispatch(x, handle=handle)[0]
+        cached = _to(buf.dispatch(dx, handle=handle)[0], "cpu")
         moved += _sent_bytes(buf)
     out, out_w, _ = buf.combine(_as_float(recv_x), handle, topk_weights=recv_w)
     tally.latencies.append(time.perf_counter() - start)
     tally.bytes += moved + _sent_bytes(buf)
+    recv_x, recv_idx, recv_w, itr, out, out_w = _to((recv_x, recv_idx, recv_w, itr, out, out_w), "cpu")
 
     ref = ref_dispatch([_rows_bytes(e[0]) for e in everyone], [e[1] for e in everyone], case.experts,
                        [e[2] for e in everyone])[rank]
@@ -200,24 +211,27 @@ def _normal_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) 
     return problems
 
 
-def _ll_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> list[str]:
-    """One low-latency round; returns the mismatches found."""
+def _ll_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally,
+                  device: Optional[torch.device] = None) -> list[str]:
+    """One low-latency round on ``device``; returns the mismatches found (checked on the host)."""
     from ..quant import per_token_cast_back, per_token_cast_to_fp8
     from ..reference import ref_ll_dispatch
     from ..utils import calc_diff
 
     x, idx, w = everyone[rank]
+    device = device or torch.device("cpu")
     use_fp8 = case.kind == "fp8"
     problems: list[str] = []
     start = time.perf_counter()
     recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(
-        x, idx, case.capacity, case.experts, use_fp8=use_fp8, round_scale=case.round_scale,
-        use_ue8m0=case.ue8m0)
+        _to(x, device), _to(idx, device), case.capacity, case.experts, use_fp8=use_fp8,
+        round_scale=case.round_scale, use_ue8m0=case.ue8m0)
     moved = _sent_bytes(buf)
     y = per_token_cast_back(*recv_x).bfloat16() if use_fp8 else recv_x
-    out = buf.low_latency_combine(y, idx, w, handle)[0]
+    out = buf.low_latency_combine(y, _to(idx, device), _to(w, device), handle)[0]
     tally.latencies.append(time.perf_counter() - start)
     tally.bytes += moved + _sent_bytes(buf)
+    recv_x, recv_count, out = _to((recv_x, recv_count, out), "cpu")
 
     ref = ref_ll_dispatch([e[0] for e in everyone], [e[1] for e in everyone], case.experts)[rank]
     if recv_count.tolist() != ref["count"]:
@@ -242,7 +256,7 @@ def _ll_iteration(buf, case: Case, everyone: list, rank: int, tally: Tally) -> l
     return problems
 
 
-def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
+def _worker(rank: int, world: int, device: torch.device, cfg: StressConfig) -> dict:
     import torch.distributed as dist
 
     from ..buffer import Buffer
@@ -263,10 +277,10 @@ def _worker(rank: int, world: int, cfg: StressConfig) -> dict:
         everyone = [rank_inputs(case, cfg.seed, it, r) for r in range(world)]
         try:
             if case.mode == "normal":
-                problems = _normal_iteration(buf, case, everyone, rank, tally)
+                problems = _normal_iteration(buf, case, everyone, rank, tally, device)
                 tally.normal += 1
             else:
-                problems = _ll_iteration(ll_buf, case, everyone, rank, tally)
+                problems = _ll_iteration(ll_buf, case, everyone, rank, tally, device)
                 tally.low_latency += 1
         except ConservationError as exc:  # verify mode: reported by every rank, buffer still usable
             problems = [f"verify: {exc}"]
@@ -345,32 +359,40 @@ def _failure_text(errors: list) -> str:
     return "\n".join([*lines, "", str(root)])
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="flexep stress", description=__doc__.split("\n\n")[0])
+def add_args(ap: argparse.ArgumentParser) -> None:
+    """``flexep stress`` options."""
     ap.add_argument("--iters", type=int, default=1000, help="iterations (default 1000; 10000 to soak)")
-    ap.add_argument("--world", type=int, default=2, help="local Gloo ranks (default 2)")
+    ap.add_argument("--world", type=int, default=2, help="local Gloo ranks (default 2; taken from the "
+                    "launcher under torchrun)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ll", action="store_true", help="normal mode only")
     ap.add_argument("--timeout", type=float, default=60.0, help="Buffer timeout in seconds")
     ap.add_argument("--ranks-per-node", type=int, default=None,
                     help="virtual node size; below --world, normal mode takes the hierarchical path")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the soak (local Gloo ranks, or the torchrun ranks); print the report; 0 iff no mismatch."""
+    from ..launch import WorkerError
+    from .common import run_ranks, under_torchrun
+
     if args.iters < 1 or args.world < 1:
-        ap.error(f"--iters and --world must be >= 1, got {args.iters} and {args.world}")
-    return args
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the soak on local Gloo ranks; print the report; 0 iff no mismatch."""
-    from ..launch import WorkerError, run_local
-
-    args = parse_args(argv)
+        print(f"flexep stress: error: --iters and --world must be >= 1, got {args.iters} and {args.world}",
+              file=sys.stderr)
+        return 2
     cfg = StressConfig(args.iters, args.world, args.seed, not args.no_ll, args.timeout, args.ranks_per_node)
     start = time.monotonic()
-    tallies = run_local(_worker, cfg.world, (cfg,), timeout=120 + 2.0 * cfg.iters * cfg.world,
-                        env={"OMP_NUM_THREADS": "1"}, allow_failures=True)
-    errors = [t for t in tallies if isinstance(t, WorkerError)]
+    tallies = run_ranks(_guarded, cfg.world, (cfg,), timeout=120 + 2.0 * cfg.iters * cfg.world,
+                        env={"OMP_NUM_THREADS": "1"})
+    if under_torchrun():
+        import torch.distributed as dist
+
+        reporter = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not reporter:
+            return 0
+    errors = [WorkerError(f"rank {r} failed:\n{t['error']}") for r, t in enumerate(tallies) if "error" in t]
     if errors:  # an exception other than a verify mismatch: report every rank's, fail
         text = _failure_text(errors)
         print(json.dumps(dict(error=text)) if args.json else f"flexep stress: FAILED\n{text}")
@@ -378,6 +400,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep = summarize(tallies, cfg, time.monotonic() - start)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0 if rep["mismatches"] == 0 else 1
+
+
+def _guarded(rank: int, world: int, device: torch.device, cfg: StressConfig) -> dict:
+    """The worker, with an exception reported as its result (so every rank's error is seen)."""
+    import traceback
+
+    try:
+        return _worker(rank, world, device, cfg)
+    except Exception:  # noqa: BLE001 - reported with the rank, then the run fails
+        return {"error": traceback.format_exc()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="flexep stress", description=__doc__.split("\n\n")[0])
+    add_args(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -411,7 +411,7 @@ class MoELayer(torch.nn.Module):
             x, topk_idx, self.num_max_dispatch_tokens_per_rank, self.placement.num_physical,
             use_fp8=self.fp8_decode)
         if isinstance(recv_x, tuple):  # (e4m3 [L, W*M, H], float32 scales [L, W*M, H/128])
-            recv_x = per_token_cast_back(*recv_x).to(x.dtype)
+            recv_x = per_token_cast_back(*recv_x, dtype=x.dtype)
         # Static shapes (CUDA-graph friendly): every slot is computed, the combine reads only
         # the valid ones.
         y = self.experts.forward_padded(recv_x)

@@ -49,6 +49,12 @@ def _names(choices):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexep plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_args(p)
+    return p
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """``flexep plan`` options."""
     p.add_argument("--preset", default="h800_ib",
                    help="hardware preset name(s) or .json file(s), comma-separated (see --list-presets)")
     p.add_argument("--profile", default="deepep_v1",
@@ -89,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --calibrate: refit the constants and print the new profiles/fitted.py")
     out.add_argument("--heldout", action="store_true",
                      help="other systems' published results predicted with the shipped constants")
-    return p
 
 
 def main(argv: Optional[list] = None) -> int:
     """Entry point of ``flexep plan``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``flexep plan`` with parsed options."""
     from . import presets
     from .profile import get_profile, profile_names
     if args.list_presets:
