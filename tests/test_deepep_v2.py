@@ -15,6 +15,8 @@ from deepep_v2_port import Config, enumerate_ep_modes, run_many
 
 from flexep.launch import run_local
 
+pytestmark = pytest.mark.ranks
+
 
 def _every(step: int, version: str = "2.0", defer: bool = True, offset: int = 0) -> tuple:
     total = len(list(enumerate_ep_modes(version, defer)))

@@ -21,6 +21,8 @@ import torch
 from flexep.quant import per_token_cast_back
 from flexep.reference_v2 import align, ref_v2_combine, ref_v2_dispatch
 
+pytestmark = pytest.mark.ranks
+
 WORLD2 = {
     "sync_free_v25_npu": (sv.v2_calls, dict(name="sync_free_v25_npu", kind="npu")),
     "sync_free_v20_fp8_no_amr": (sv.v2_calls, dict(name="sync_free_v20_fp8_no_amr", version="2.0",
