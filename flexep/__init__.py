@@ -38,6 +38,7 @@ from .deepep import (
     get_physical_domain_size,
     topk_idx_t,
 )
+from .deepep.comm_api import destroy_all_managed_nccl_comm
 from .errors import (
     BrokenCommunicatorError,
     CapacityError,
@@ -59,5 +60,5 @@ __all__ = [
     "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError", "__version__",
     "ElasticBuffer", "EPBuffer", "EPHandle", "BufferAllocator", "BufferBase", "get_buffer_size_hint",
     "get_physical_domain_size", "get_logical_domain_size", "get_num_allocation_alignment",
-    "get_num_tma_alignment", "get_num_rdma_alignment",
+    "get_num_tma_alignment", "get_num_rdma_alignment", "destroy_all_managed_nccl_comm",
 ]
