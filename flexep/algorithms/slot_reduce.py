@@ -26,8 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from .contract import SlotOrder
+from .low_latency import as_words
 
-__all__ = ["owners", "last_in_group", "slot_rows", "slot_reduce", "pick_weights", "flat_rowmap"]
+__all__ = ["owners", "last_in_group", "slot_rows", "slot_reduce", "ordered", "gather_rows", "pick_weights",
+           "flat_rowmap"]
 
 
 def owners(topk_idx: torch.Tensor, num_local: int) -> torch.Tensor:
@@ -67,52 +69,74 @@ def slot_reduce(back: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor, ord
         order: the recipe.
         num_ranks: W (the node level keeps one accumulator per node).
         bias: up to two ``[T, H']`` tensors, added first.
+
+    Each counting value is added in slot order; a token with fewer of them adds the spare zero
+    row instead, as DeepEP's reference adds the zeros its grouping leaves (``+ 0.0`` changes no
+    sum that did not start at ``-0.0``).
     """
     tokens, k = rows.shape
-    dtype, device = back.dtype, back.device
+    spare = back.size(0) - 1
     if order.per_slot:
         hidden = back.size(1) // k
         flat = back.view(-1, hidden)  # row r, slot j -> r * K + j
-        slots = torch.arange(k, device=device)
-        values = [flat.index_select(0, rows[:, j] * k + slots[j]) for j in range(k)]
-        counts = owner >= 0
-    else:
-        hidden = back.size(1)
-        values = [back.index_select(0, rows[:, j]) for j in range(k)]
-        counts = last_in_group(owner)
-        if order.ranks_per_node:
-            values, counts = _node_level(values, counts, owner, order.ranks_per_node,
-                                         num_ranks // order.ranks_per_node, dtype)
-    acc = _bias_sum(bias, tokens, hidden, device)
-    for j in range(k):
-        acc = torch.where(counts[:, j:j + 1], acc + values[j].float(), acc)
-    return acc.to(dtype)
+        acc = _bias_sum(bias, tokens, hidden, back.device)
+        for j in range(k):
+            acc.add_(gather_rows(flat, rows[:, j] * k + j))
+        return acc.to(back.dtype)
+    counting = last_in_group(owner)
+    if order.ranks_per_node:
+        nodes = num_ranks // order.ranks_per_node
+        return _node_level(back, rows, owner, counting, order.ranks_per_node, nodes, bias)
+    acc = _bias_sum(bias, tokens, back.size(1), back.device)
+    for col in ordered(rows, counting, spare, min(k, num_ranks)).unbind(1):
+        acc.add_(gather_rows(back, col))
+    return acc.to(back.dtype)
 
 
-def _node_level(values: list, rank_last: torch.Tensor, owner: torch.Tensor, ranks_per_node: int,
-                num_nodes: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
-    """Sum the rank partials of each node in slot order (float32), rounded once, counted at
-    the node's last slot. One running accumulator per (token, node)."""
-    tokens = owner.size(0)
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` for ``t: [R, D]``, rows moved as wide integer words (faster on the host)."""
+    return as_words(t).index_select(0, index).view(t.dtype)
+
+
+def ordered(ids: torch.Tensor, counting: torch.Tensor, spare: int, width: int) -> torch.Tensor:
+    """``[T, width]``: the ids of the counting slots, in slot order, then ``spare``.
+
+    Example (spare 9): ids ``[[4, 5, 6]]``, counting ``[[False, True, True]]``, width 2 ->
+    ``[[5, 6]]``.
+    """
+    k = ids.size(1)
+    slot = torch.arange(k, device=ids.device).expand_as(ids)
+    first = torch.argsort(torch.where(counting, slot, slot + k), dim=1)[:, :width]
+    return torch.where(counting.gather(1, first), ids.gather(1, first), spare)
+
+
+def _node_level(back: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor, rank_last: torch.Tensor,
+                ranks_per_node: int, num_nodes: int, bias: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rank partials summed per node in slot order (float32), rounded once, then the nodes
+    summed in the order of their last slots."""
+    tokens, k = rows.shape
+    hidden, spare = back.size(1), back.size(0) - 1
     node = torch.where(owner >= 0, torch.div(owner.clamp(min=0), ranks_per_node, rounding_mode="floor"), -1)
-    hidden = values[0].size(1) if values else 0
-    running = torch.zeros(tokens, num_nodes, hidden, dtype=torch.float32, device=owner.device)
-    arange = torch.arange(tokens, device=owner.device)
-    out = []
-    for j, value in enumerate(values):
-        n = node[:, j].clamp(min=0)
-        cur = running[arange, n]
-        cur = torch.where(rank_last[:, j:j + 1], cur + value.float(), cur)
-        running[arange, n] = cur
-        out.append(cur.to(dtype))
-    return out, last_in_group(node)
+    width = min(k, num_nodes * ranks_per_node)
+    rank_rows = ordered(rows, rank_last, spare, width)
+    rank_node = ordered(node, rank_last, num_nodes, width)  # num_nodes: a spare accumulator
+    running = torch.zeros(tokens, num_nodes + 1, hidden, dtype=torch.float32, device=back.device)
+    at = torch.arange(tokens, device=back.device)
+    for g in range(width):
+        running[at, rank_node[:, g]] += gather_rows(back, rank_rows[:, g]).float()
+    values = running.to(back.dtype)
+    values[:, num_nodes] = 0
+    acc = _bias_sum(bias, tokens, hidden, back.device)
+    for col in ordered(node, last_in_group(node), num_nodes, min(k, num_nodes)).unbind(1):
+        acc.add_(values[at, col])
+    return acc.to(back.dtype)
 
 
 def _bias_sum(bias: Sequence[torch.Tensor], tokens: int, hidden: int, device: torch.device) -> torch.Tensor:
     """``float(bias0) + float(bias1)`` (DeepEP's start value), zeros without bias."""
     if not bias:
         return torch.zeros(tokens, hidden, dtype=torch.float32, device=device)
-    acc = bias[0].float()
+    acc = bias[0].to(torch.float32, copy=True)  # accumulated in place: never the caller's tensor
     for b in bias[1:]:
         acc = acc + b.float()
     return acc

@@ -190,8 +190,8 @@ class SyncFree:
         for part in (req.x, req.topk_weights):
             if part is None:
                 continue
-            out = part.index_select(0, pos)
-            out.view(torch.uint8).masked_fill_(~kept.unsqueeze(1), 0)  # no stale rows on the wire
+            words = as_words(part).index_select(0, pos)
+            out = words.masked_fill_(~kept.unsqueeze(1), 0).view(part.dtype)  # no stale rows on the wire
             back = part.new_empty(world * mine + 1, part.size(1))
             back[-1].zero_()
             sends.append(out)
