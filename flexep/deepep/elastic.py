@@ -36,7 +36,7 @@ from ..device import group_carries
 from ..event import CommStreams, EventHandle, EventOverlap
 from . import sizing
 from .allocator import BufferAllocator, BufferBase, Runtime
-from .v2_face import V2Face
+from .v2_face import V2Face, as_overlap
 
 __all__ = ["ElasticBuffer", "EPBuffer"]
 
@@ -339,8 +339,7 @@ class EPBuffer(BufferBase, _Base):
         except (TypeError, ValueError) as exc:
             error = exc
         device = src_list[0].device if src_list and isinstance(src_list[0], torch.Tensor) else None
-        with self._streams.call(device, EventOverlap(previous_event) if previous_event is not None else None,
-                                True) as call:
+        with self._streams.call(device, as_overlap(previous_event), True) as call:
             if op == "lb_prefetch":
                 lb_prefetch(self.comm, dst_list, src_list, mapping, self.num_nvlink_ranks, error=error)
             else:

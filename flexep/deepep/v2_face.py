@@ -58,10 +58,11 @@ from .v2_outputs import (
     unpack_bias,
 )
 
-__all__ = ["V2Face"]
+__all__ = ["V2Face", "as_overlap"]
 
 
-def _as_overlap(event) -> Optional[EventOverlap]:
+def as_overlap(event) -> Optional[EventOverlap]:
+    """A ``previous_event`` as an ``EventOverlap``: V2's ``EventHandle`` (``capture()``) or V1's."""
     if event is None or isinstance(event, EventOverlap):
         return event
     if isinstance(event, EventHandle):
@@ -81,11 +82,11 @@ class V2Face:
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
         device = _device_of(x)
-        first = _as_overlap(previous_event)
+        first = as_overlap(previous_event)
         if before_epilogue is not None:
             # DeepEP waits for it before its second kernel; flexep runs the call as one piece, so
             # it waits for both events first (a valid, more conservative order).
-            first = _BothEvents(first or EventOverlap(EventHandle(device)), _as_overlap(before_epilogue))
+            first = _BothEvents(first or EventOverlap(EventHandle(device)), as_overlap(before_epilogue))
         return self._streams.call(device, first, bool(async_))
 
     @staticmethod
