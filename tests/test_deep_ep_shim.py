@@ -91,18 +91,33 @@ def _fake_real_deepep(root, kind: str) -> str:
     return site
 
 
+REFUSAL = textwrap.dedent("""
+    import os
+    try:
+        import deep_ep
+    except ImportError as exc:
+        print("refused:", exc)
+    else:
+        print("imported without refusing")
+    os.environ["FLEXEP_DEEP_EP_SHIM"] = "force"  # the override, in the same interpreter
+    import deep_ep
+    print("forced:", deep_ep.__flexep__)
+""")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["package", "distribution", "extension"])
 def test_shim_refuses_to_shadow_a_real_deepep(tmp_path, kind):
     site = _fake_real_deepep(tmp_path, kind)
     path = [site, ROOT] if kind == "extension" else [SHIM, site, ROOT]
-    out = _run("import deep_ep\n", path, tmp_path)
-    assert out.returncode != 0
-    assert "refuses to shadow a real DeepEP" in out.stderr and "FLEXEP_DEEP_EP_SHIM=force" in out.stderr, \
-        out.stderr[-2000:]
-    forced = _run("import deep_ep\nprint(deep_ep.__flexep__)\n", path, tmp_path,
-                  {"FLEXEP_DEEP_EP_SHIM": "force"})
-    assert forced.returncode == 0 and "True" in forced.stdout, forced.stderr[-2000:]
+    out = _run(REFUSAL, path, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    refused = [line for line in out.stdout.splitlines() if line.startswith("refused:")]
+    assert refused and "refuses to shadow a real DeepEP" in refused[0], out.stdout
+    assert "FLEXEP_DEEP_EP_SHIM=force" in refused[0] and "forced: True" in out.stdout
+    named = {"package": os.path.join(site, "deep_ep"), "distribution": "distribution deep_ep 2.1.0",
+             "extension": "_C.cpython"}[kind]
+    assert named in refused[0], refused[0]  # the message says what it found
 
 
 @pytest.mark.slow
