@@ -28,6 +28,9 @@ WORLD2 = {
     "sync_free_v20_fp8_no_amr": (sv.v2_calls, dict(name="sync_free_v20_fp8_no_amr", version="2.0",
                                                    x_kind="fp8", amr=False)),
     "cpu_sync_v25_fp8": (sv.v2_calls, dict(name="cpu_sync_v25_fp8", sync=True, x_kind="fp8", alignment=1)),
+    # no control round at all (each source sends num_max_tokens_per_rank rows): nothing but the payload
+    "sync_free_no_round": (sv.v2_calls, dict(name="sync_free_no_round", check_consistency=False,
+                                             validate=False)),
     "lb": (sv.lb_calls, {}),
 }
 WORLD4 = {
@@ -157,7 +160,8 @@ def test_v2_calls_on_device(spawns, world, scenario):
 
 def test_sync_free_calls_read_nothing(spawns):
     """The no-host-read guard really ran every sync-free call (and found nothing)."""
-    for world, name in ((2, "sync_free_v25_npu"), (2, "sync_free_v20_fp8_no_amr"), (4, "sync_free_2x2")):
+    for world, name in ((2, "sync_free_v25_npu"), (2, "sync_free_v20_fp8_no_amr"), (2, "sync_free_no_round"),
+                        (4, "sync_free_2x2")):
         for g in outcome(spawns(world), name):
             assert len(g["reads"]) == 7 and all(count == 0 for count, _ in g["reads"].values())
 
