@@ -37,9 +37,9 @@ WORLD2 = {
                                        cases=_every(9, "2.5", False, offset=4)),
 }
 WORLD4 = {
-    "v2.5 cpu-sync": Config(version="2.5", cases=_every(9, "2.5")),
+    "v2.5 cpu-sync": Config(version="2.5", cases=_every(12, "2.5")),
     "v2.0 sync-free": Config(do_cpu_sync=False, cases=_every(19, offset=5)),
-    "2x2 hybrid": Config(ranks_per_node=2, cases=_every(13)),
+    "2x2 hybrid": Config(ranks_per_node=2, cases=_every(17)),
     "2x2 hybrid sync-free, no multiple reduction": Config(ranks_per_node=2, do_cpu_sync=False,
                                                           allow_multiple_reduction=False,
                                                           cases=_every(23, offset=6)),

@@ -21,8 +21,8 @@ from flexep.moe import MoEConfig, MoELayer, all_reduce_replicated_grads, replica
 from flexep.moe.eplb import Placement
 
 LOCAL, SLOTS = 4, 4  # experts per rank, redundant slots per rank
-PAYLOADS = [(1152, 544, 288), (12320, 12256, 32), (96, 64, 32), (64, 32, 32)]  # bytes per expert
-HIDDENS = [3080, 384, 24]  # float32 gradient rows
+PAYLOADS = [(12320, 12256, 32), (1152, 544, 288), (64, 32, 32)]  # bytes per expert (DeepEP's sweep)
+HIDDENS = [3080, 24]  # float32 gradient rows
 
 
 # ---- DeepEP's generators ------------------------------------------------------------------------
