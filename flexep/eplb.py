@@ -10,6 +10,8 @@ from .moe.eplb import (
     rebalance,
     replicate,
 )
+from .moe.replicas import ReplicaMap, replica_map, sync_replica_grads, sync_replica_weights
 
 __all__ = ["Placement", "replicate", "pack", "global_placement", "hierarchical_placement", "rebalance",
-           "align_ranks", "rank_loads"]
+           "align_ranks", "rank_loads", "ReplicaMap", "replica_map", "sync_replica_grads",
+           "sync_replica_weights"]

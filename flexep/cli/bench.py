@@ -368,6 +368,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
                    help="normal (default) or low-latency (decode batches: 1, 8 and 128 tokens/rank)")
+    p.add_argument("--api", choices=("v1", "v2"), default="v1",
+                   help="v2: DeepEP V2's EPBuffer (counted, expanded, sync-free) beside V1's Buffer")
     add_shape_args(p, tokens=d.tokens)
     add_run_args(p, iters=d.iters)
     g = p.add_argument_group("topology and channels")
@@ -392,6 +394,9 @@ def run(a: argparse.Namespace) -> int:
     if a.mode == "low-latency":
         from .bench_ll import run as run_low_latency
         return run_low_latency(a)
+    if a.api == "v2":
+        from .bench_v2 import run as run_v2
+        return run_v2(a)
     summary = run_bench(config_from_args(a))
     if under_torchrun():  # the launched ranks leave the group they joined; rank 0 reports
         reporter = dist.get_rank() == 0

@@ -47,7 +47,8 @@ __all__ = ["Header", "ControlPlane", "dtype_code", "OPS", "ANY", "FIELDS"]
 MAGIC = 0x464C4558  # "FLEX"
 ANY = -2  # a field value that is not compared
 OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "ll_dispatch": 4, "ll_combine": 5,
-       "barrier": 6, "ll_clean": 7, "init": 8, "sync_free_dispatch": 9}
+       "barrier": 6, "ll_clean": 7, "init": 8, "sync_free_dispatch": 9, "sync_free_cached_dispatch": 10,
+       "sync_free_combine": 11, "lb_prefetch": 12, "lb_reduce": 13}
 _OP_NAMES = {v: k for k, v in OPS.items()}
 FIELDS = ("magic", "op", "seq", "generation", "error", "num_tokens", "hidden", "x_dtype", "num_scales",
           "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode",

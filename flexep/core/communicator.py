@@ -40,10 +40,16 @@ from ..algorithms.contract import (
     LowLatencyHandle,
     NormalHandle,
     Sends,
+    SyncFreeCachedRequest,
+    SyncFreeCombineRequest,
+    SyncFreeDispatchRequest,
+    SyncFreeHandle,
 )
 from ..algorithms.flat import Flat
 from ..algorithms.hierarchical import Hierarchical
 from ..algorithms.low_latency import LowLatency, WireRow
+from ..algorithms.slot_combine import SlotCombine
+from ..algorithms.sync_free import SyncFree, wire_row_bytes_sync_free
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
 from ..comm.control import ControlPlane, Header, dtype_code
 from ..comm.failure import FailureDetector
@@ -170,6 +176,7 @@ class Communicator:
             self.normal = Flat(tp, self.uid)
         tp.channels = lanes
         self.low_latency = LowLatency(tp, self.uid)
+        self.sync_free, self.slot_combine = SyncFree(tp, self.uid), SlotCombine(tp, self.uid)
         self.num_channels = num_channels
         self._tp: Optional[Transport] = tp
         # Every later round carries the algorithm's extras and per-destination expert counts
@@ -328,16 +335,20 @@ class Communicator:
         if not isinstance(req, CombineRequest):
             raise TypeError(f"expected a CombineRequest, got {type(req).__name__}")
         self.check_handle(req.handle)
-        C.check_combine(req)
+        if req.slot_order is None:
+            C.check_combine(req)
+        else:
+            C.check_slot_combine(req, self.world)
 
     def combine(self, request: Requested) -> Combined:
-        """Return every received row to its source and sum per original token."""
+        """Return every received row to its source and sum per original token (in rank order, or
+        in DeepEP V2's slot order when the request has a ``slot_order``)."""
         self._begin("combine")
         req, error = self._build(request, self.check_combine)
         self._agreement("combine", error, lambda: dict(
             hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype),
-            has_weights=int(req.topk_weights is not None)))
-        out = self.normal.combine(req)
+            has_weights=int(req.topk_weights is not None), mode=int(req.slot_order is not None)))
+        out = (self.normal if req.slot_order is None else self.slot_combine).combine(req)
         k = req.topk_weights.size(1) if req.topk_weights is not None else 0
         self._set_minimum(req.handle, wire_row_bytes(req.x.size(1), req.x.dtype, topk_weights=k),
                           reverse=True)
@@ -361,6 +372,80 @@ class Communicator:
                 counts, node_counts, topo, rank, row, reverse=reverse, mask_bytes=mask))
         else:
             self.transport.stats.set_minimum(lambda: flat_minimum(counts, topo, rank, row, reverse))
+
+    # ---- sync-free normal mode (DeepEP V2 do_cpu_sync=False) -------------------------------
+    def check_sync_free(self, req: SyncFreeDispatchRequest) -> None:
+        if not isinstance(req, SyncFreeDispatchRequest):
+            raise TypeError(f"expected a SyncFreeDispatchRequest, got {type(req).__name__}")
+        C.check_sync_free(req, self.world)
+        if self._validate_now(req.topk_idx):
+            C.check_topk_values(req.topk_idx, req.num_experts)
+
+    def sync_free_dispatch(self, request: Requested) -> Dispatched:
+        """Dispatch with static shapes (``W * Q`` output rows) and no host read: every count
+        stays on the device (``Dispatched.handle`` is a :class:`SyncFreeHandle`). The control
+        round carries host values only (sizes, dtypes), over the host plane; with
+        ``check_consistency=False`` there is none and each source sends Q rows."""
+        self._begin("sync_free_dispatch")
+        req, error = self._build(request, self.check_sync_free)
+        blocks = None
+        if self.check_consistency or error is not None:
+            header = self.control.round("sync_free_dispatch", error=error, check=self.check_consistency,
+                                        **({} if error else _agree_sync_free(req)))
+            blocks = header.field("num_tokens")
+        out = self.sync_free.dispatch(req, blocks or [req.capacity] * self.world)
+        k = req.topk_idx.size(1)
+        row = wire_row_bytes_sync_free(req.x.size(1), req.x.dtype, _num_scales(req.scales), k,
+                                       req.topk_weights is not None)
+        self._set_ll_minimum(req.topk_idx, req.num_experts, row)
+        return out
+
+    def check_sync_free_handle(self, handle) -> None:
+        if not isinstance(handle, SyncFreeHandle):
+            raise TypeError("handle must be the handle a sync-free dispatch returned, got "
+                            f"{type(handle).__name__}")
+        if handle.owner != self.uid:
+            raise ValueError("handle was produced by another Buffer/communicator; combine and cached "
+                             "dispatch must use the one that dispatched")
+
+    def check_sync_free_cached(self, req: SyncFreeCachedRequest) -> None:
+        if not isinstance(req, SyncFreeCachedRequest):
+            raise TypeError(f"expected a SyncFreeCachedRequest, got {type(req).__name__}")
+        self.check_sync_free_handle(req.handle)
+        C.check_sync_free_cached(req)
+
+    def sync_free_cached_dispatch(self, request: Requested) -> Dispatched:
+        """Replay a sync-free dispatch's routing for new rows (static shapes, no host read)."""
+        self._begin("sync_free_cached_dispatch")
+        req, error = self._build(request, self.check_sync_free_cached)
+        self._agreement("sync_free_cached_dispatch", error, lambda: dict(
+            **_agree_rows(req.x, req.scales), has_weights=int(req.topk_weights is not None)))
+        out = self.sync_free.cached_dispatch(req)
+        h = req.handle
+        k = h.topk_idx.size(1) if req.topk_weights is not None else 0
+        row = wire_row_bytes_sync_free(req.x.size(1), req.x.dtype, _num_scales(req.scales), 0, False) + 4 * k
+        self._set_ll_minimum(h.topk_idx, h.num_experts, row)
+        return out
+
+    def check_sync_free_combine(self, req: SyncFreeCombineRequest) -> None:
+        if not isinstance(req, SyncFreeCombineRequest):
+            raise TypeError(f"expected a SyncFreeCombineRequest, got {type(req).__name__}")
+        self.check_sync_free_handle(req.handle)
+        C.check_sync_free_combine(req, self.world)
+
+    def sync_free_combine(self, request: Requested) -> Combined:
+        """Return rows along a sync-free handle and reduce them in DeepEP V2's slot order."""
+        self._begin("sync_free_combine")
+        req, error = self._build(request, self.check_sync_free_combine)
+        self._agreement("sync_free_combine", error, lambda: dict(
+            hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype),
+            has_weights=int(req.topk_weights is not None)))
+        out = self.sync_free.combine(req)
+        k = req.topk_weights.size(1) if req.topk_weights is not None else 0
+        row = req.x.size(1) * req.x.element_size() + 4 * k
+        topo, rank, handle = self.topology, self.rank, req.handle
+        self.transport.stats.set_minimum(lambda: _per_peer(topo, rank, handle.recv_counts.cpu(), row))
+        return out
 
     # ---- low-latency mode ------------------------------------------------------------------
     def check_ll_dispatch(self, req: LLDispatchRequest) -> None:
@@ -456,6 +541,16 @@ def _agree_rows(x: torch.Tensor, scales: Optional[torch.Tensor]) -> dict:
     return dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
                 num_scales=scales.size(1) if scales is not None else -1,
                 scale_dtype=dtype_code(scales.dtype if scales is not None else None))
+
+
+def _agree_sync_free(req: SyncFreeDispatchRequest) -> dict:
+    return dict(**_agree_rows(req.x, req.scales), num_experts=req.num_experts,
+                num_topk=req.topk_idx.size(1), has_weights=int(req.topk_weights is not None),
+                capacity=req.capacity, num_tokens=req.x.size(0))
+
+
+def _num_scales(scales: Optional[torch.Tensor]) -> int:
+    return 0 if scales is None else scales.size(1)
 
 
 def _scale_spec(scales: Optional[torch.Tensor]) -> Optional[tuple]:

@@ -9,6 +9,8 @@ load at any EP size.
   (:mod:`~flexep.moe.balance` holds the packing arithmetic);
 * :mod:`~flexep.moe.weights` — fetch rows from their owners, reduce rows onto them;
 * :mod:`~flexep.moe.online` — re-place a serving layer's experts from its observed load;
+* :mod:`~flexep.moe.replicas` — replicas that train as one expert (gradients reduced onto the
+  primary, copies kept equal: DeepEP V2.5's load-balancing transfers);
 * :mod:`~flexep.moe.checkpoint` — save on N ranks, load on M.
 """
 
@@ -23,10 +25,11 @@ from .layer import (
     replicated_parameters,
 )
 from .online import Moved, RebalanceReport
+from .replicas import ReplicaMap, replica_map, sync_replica_grads, sync_replica_weights
 from .routing import RULES, route
 from .weights import FetchPlan, ReducePlan, fetch_rows, plan_fetch, plan_reduce, reduce_rows
 
 __all__ = ["MoEConfig", "PRESETS", "MoELayer", "GroupedExperts", "route", "RULES", "deepseek_v3_route",
            "grouped_mm", "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads",
            "RebalanceReport", "Moved", "FetchPlan", "ReducePlan", "plan_fetch", "fetch_rows", "plan_reduce",
-           "reduce_rows"]
+           "reduce_rows", "ReplicaMap", "replica_map", "sync_replica_grads", "sync_replica_weights"]

@@ -93,7 +93,8 @@ class MoELayer(torch.nn.Module):
             Build it with ``low_latency_mode=True`` to decode through low-latency kernels.
         placement: EPLB :class:`~flexep.eplb.Placement` mapping logical experts to physical
             replicas (default: one replica each, expert e on rank ``e // (E/W)``). Replicas
-            are copies; training keeps the default (replica gradients are not synchronised).
+            are copies; to train with replicas call :func:`flexep.moe.sync_replica_grads` after
+            backward (every copy then gets the whole expert's gradient).
         seed: initial weights come from generators keyed by (seed, parameter, logical expert),
             so the same seed gives the same model at every EP size and placement.
         dtype: parameter dtype (routing runs in ``config.router_dtype``, combine accumulates in
