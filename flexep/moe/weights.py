@@ -30,12 +30,11 @@ Shape legend: W ranks; n rows this rank owns (``ids``); m requested (fetch) or c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ..algorithms.reduce import accumulator_dtype
+from ..algorithms.rows import FetchPlan, ReducePlan, fetch_plan, reduce_plan, run_fetch, run_reduce
 from ..comm.control import dtype_code
 from ..core.communicator import Communicator
 from ..errors import RemoteInputError
@@ -43,54 +42,6 @@ from ..errors import RemoteInputError
 __all__ = ["FetchPlan", "ReducePlan", "plan_fetch", "fetch_rows", "plan_reduce", "reduce_rows"]
 
 Rows = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class FetchPlan:
-    """This rank's part of a fetch (host lists; see :func:`plan_fetch`).
-
-    Attributes:
-        owner: id of the communicator that planned it.
-        num_local: n, rows this rank owns.
-        send_rows: this rank's rows to send, grouped by destination rank.
-        send_counts, recv_counts: ``[W]`` rows to / from each rank (0 for this rank).
-        local_rows: this rank's rows that answer its own requests (each once).
-        expand: ``[m]``: for each request, its row among (received rows, then ``local_rows``).
-    """
-
-    owner: int
-    num_local: int
-    send_rows: tuple
-    send_counts: tuple
-    recv_counts: tuple
-    local_rows: tuple
-    expand: tuple
-
-
-@dataclass(frozen=True)
-class ReducePlan:
-    """This rank's part of a reduce (host lists; see :func:`plan_reduce`).
-
-    Attributes:
-        owner: id of the communicator that planned it.
-        num_local: n, rows this rank owns.
-        num_contrib: m, rows this rank contributes.
-        send_rows: contributed rows owned elsewhere, grouped by owner, in list order.
-        send_counts, recv_counts: ``[W]`` rows to / from each rank (0 for this rank).
-        own_rows: contributed rows this rank owns itself, in list order.
-        waves: the summation order as ``(incoming positions, target rows)`` pairs; wave k adds
-            the k-th contribution of every target (incoming = each source's rows, by source
-            rank, this rank's ``own_rows`` in its place), so no row is added twice in one wave.
-    """
-
-    owner: int
-    num_local: int
-    num_contrib: int
-    send_rows: tuple
-    send_counts: tuple
-    recv_counts: tuple
-    own_rows: tuple
-    waves: tuple
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -194,23 +145,7 @@ def plan_fetch(comm: Communicator, ids: Sequence[int], want: Sequence[int], owne
     ``[21, 10, 21]``.
     """
     index, per_owner, asked, want, owners = _requests(comm, "plan_fetch", ids, want, owners, True, "want")
-    rank = comm.rank
-    offsets = [0]
-    for p in per_owner:
-        offsets.append(offsets[-1] + len(p))
-    local: list[int] = []
-    expand = []
-    for i, o in zip(want, owners):
-        if o == rank:
-            if index[i] not in local:
-                local.append(index[i])
-            expand.append(offsets[-1] + local.index(index[i]))
-        else:
-            expand.append(offsets[o] + per_owner[o].index(i))
-    return FetchPlan(owner=comm.uid, num_local=len(ids), send_rows=tuple(index[i] for a in asked for i in a),
-                     send_counts=tuple(len(a) for a in asked),
-                     recv_counts=tuple(len(p) for p in per_owner), local_rows=tuple(local),
-                     expand=tuple(expand))
+    return fetch_plan(comm.uid, comm.rank, index, per_owner, asked, want, owners, len(ids))
 
 
 def plan_reduce(comm: Communicator, ids: Sequence[int], contrib_ids: Sequence[int],
@@ -228,29 +163,7 @@ def plan_reduce(comm: Communicator, ids: Sequence[int], contrib_ids: Sequence[in
     """
     index, _, asked, contrib_ids, owners = _requests(comm, "plan_reduce", ids, contrib_ids, owners,
                                                      False, "contrib_ids")
-    rank, world = comm.rank, comm.world
-    send_rows = [[] for _ in range(world)]
-    own = []
-    for j, o in enumerate(owners):
-        (own if o == rank else send_rows[o]).append(j)
-    # Incoming rows in summation order: each source's block by source rank, this rank's own
-    # contributions in its place; the target of each.
-    targets = []
-    for s in range(world):
-        targets += [index[contrib_ids[j]] for j in own] if s == rank else [index[i] for i in asked[s]]
-    seen: dict = {}
-    waves: list[tuple[list, list]] = []
-    for pos, t in enumerate(targets):
-        k = seen.get(t, 0)
-        seen[t] = k + 1
-        if k == len(waves):
-            waves.append(([], []))
-        waves[k][0].append(pos)
-        waves[k][1].append(t)
-    return ReducePlan(owner=comm.uid, num_local=len(ids), num_contrib=len(contrib_ids),
-                      send_rows=tuple(sum(send_rows, [])), send_counts=tuple(len(p) for p in send_rows),
-                      recv_counts=tuple(len(a) for a in asked), own_rows=tuple(own),
-                      waves=tuple((tuple(p), tuple(t)) for p, t in waves))
+    return reduce_plan(comm.uid, comm.rank, index, asked, contrib_ids, owners, len(ids))
 
 
 # ---- exchanging -----------------------------------------------------------------------------
@@ -304,10 +217,6 @@ def _set_minimum(comm: Communicator, plan, row_bytes: int) -> None:
     comm.transport.stats.set_minimum(minimum)
 
 
-def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device)
-
-
 def fetch_rows(comm: Communicator, rows: Rows, plan: FetchPlan) -> Rows:
     """Run a fetch: ``rows: [n, ...]`` (or a sequence of them) -> ``[m, ...]`` in request order.
 
@@ -327,13 +236,7 @@ def fetch_rows(comm: Communicator, rows: Rows, plan: FetchPlan) -> Rows:
     _agree(comm, error, row_bytes, tensors)
     tp = comm.transport
     tp.begin("fetch_rows")
-    device = tensors[0].device
-    send = _index(plan.send_rows, device)
-    sends = [t.index_select(0, send) for t in tensors]
-    recvs = [t.new_empty((sum(plan.recv_counts), *t.shape[1:])) for t in tensors]
-    tp.all_to_all("rows", sends, recvs, plan.send_counts, plan.recv_counts)
-    local, expand = _index(plan.local_rows, device), _index(plan.expand, device)
-    out = [torch.cat([r, t.index_select(0, local)]).index_select(0, expand) for r, t in zip(recvs, tensors)]
+    out = run_fetch(tp, tensors, plan)
     _set_minimum(comm, plan, row_bytes)
     return out[0] if single else out
 
@@ -369,21 +272,6 @@ def reduce_rows(comm: Communicator, rows: Rows, contrib: Rows, plan: ReducePlan)
     _agree(comm, error, row_bytes, parts)
     tp = comm.transport
     tp.begin("reduce_rows")
-    device = tensors[0].device
-    send, own = _index(plan.send_rows, device), _index(plan.own_rows, device)
-    sends = [c.index_select(0, send) for c in parts]
-    recvs = [c.new_empty((sum(plan.recv_counts), *c.shape[1:])) for c in parts]
-    tp.all_to_all("rows", sends, recvs, plan.send_counts, plan.recv_counts)
-    rank = comm.rank
-    out = []
-    for t, c, r in zip(tensors, parts, recvs):
-        blocks = list(r.split(list(plan.recv_counts)))
-        blocks[rank] = c.index_select(0, own)
-        incoming = torch.cat(blocks)
-        acc = t.to(accumulator_dtype(t.dtype), copy=True)
-        for positions, targets in plan.waves:
-            acc.index_add_(0, _index(targets, device),
-                           incoming.index_select(0, _index(positions, device)).to(acc.dtype))
-        out.append(acc.to(t.dtype))
+    out = run_reduce(tp, tensors, parts, plan)
     _set_minimum(comm, plan, row_bytes)
     return out[0] if single else out
