@@ -102,11 +102,15 @@ def test_report_rows_ratios_and_notes():
     assert s["torchtitan"]["ratio_flexep_bench"] == pytest.approx(0.5)
     rows = "\n".join(table_rows(s))
     assert "torchtitan dispatch+combine" in rows and "40.00" in rows and "megatron" not in rows.lower()
-    words = conclusion(s, 0.02)
-    assert "took 20.0 ms: 2.0x faster than T's dispatcher (0.3.0, 40.0 ms)" in words[0]
-    assert words[1] == (f"note: M's dispatcher skipped: megatron-core is not installed; install with "
+    words = conclusion(s, 0.03)
+    assert words[0].startswith("flexep layout+dispatch+combine took 30.0 ms: 1.3x faster than T's "
+                               "dispatcher (0.3.0: 40.0 ms), on the same tokens and routing")
+    assert words[1].startswith("With the same boundaries") and words[1].endswith(
+        "flexep's MoELayer path took 20.0 ms: 2.0x faster than T's dispatcher (0.3.0: 40.0 ms).")
+    assert words[2] == (f"note: M's dispatcher skipped: megatron-core is not installed; install with "
                         f"`pip install m` (see {DOCS})")
-    assert words[2] == "note: O's dispatcher FAILED and is left out: RuntimeError: bad"
+    assert words[3] == "note: O's dispatcher FAILED and is left out: RuntimeError: bad"
+    assert len(words) == 4
 
 
 @pytest.mark.ranks
@@ -127,7 +131,7 @@ def test_bench_with_baselines(tmp_path, capsys):
             assert entry["status"] == "ok", entry
             assert entry["check"]["combine_max_rel_err"] <= entry["check"]["combine_rtol"]
             assert entry["version"] == fw.version and entry["total_s"] > 0
-            assert f"{fw.label} ({fw.version}, " in out
+            assert f"{fw.label} ({fw.version}: " in out
         else:
             assert entry["status"] == "skipped" and entry["reason"] == why
             assert f"note: {fw.label} skipped: {why}; install with `{fw.install}` (see {DOCS})" in out

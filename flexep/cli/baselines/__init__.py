@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ...comm.objects import all_gather_object
+from ...deepep.buffer import Buffer
 from . import megatron_a2a, torchtitan_a2a
 from .availability import DOCS, Framework
 from .flexep_layer import LABEL as FLEXEP_LABEL
@@ -51,7 +52,7 @@ class Suite:
     :meth:`step` then runs one timed pass of each, after the bench's own phases of the iteration.
     """
 
-    def __init__(self, buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+    def __init__(self, buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  experts: int, group: Optional[dist.ProcessGroup] = None) -> None:
         self.group = group
         self._device = x.device if x.device.type != "cpu" else None
@@ -65,7 +66,7 @@ class Suite:
             if not ok:
                 self.info[name] = dict(label=fw.label, status="skipped", reason=why, install=fw.install)
                 continue
-            ok, err = self._agree(lambda m=mod: _try(m._import))  # the import, shims included
+            ok, err = self._agree(lambda m=mod: _try(m.import_framework))  # shims included
             if not ok:
                 self.info[name] = dict(label=fw.label, status="skipped", install=fw.install,
                                        reason=f"{fw.dist} {why} does not import: {err}")

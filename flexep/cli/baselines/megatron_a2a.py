@@ -51,7 +51,7 @@ import torch.distributed as dist
 from . import harness
 from .availability import Framework, check_installed
 
-__all__ = ["FRAMEWORK", "is_available", "MegatronDriver", "cuda_calls_on_cpu", "run"]
+__all__ = ["FRAMEWORK", "is_available", "import_framework", "MegatronDriver", "cuda_calls_on_cpu", "run"]
 
 FRAMEWORK = Framework(
     name="megatron", label="Megatron-Core's MoEAlltoAllTokenDispatcher", dist="megatron-core",
@@ -72,7 +72,7 @@ def _unavailable(*_args, **_kwargs):
     raise NotImplementedError("triton kernels are unavailable here")
 
 
-def _import() -> types.SimpleNamespace:
+def import_framework() -> types.SimpleNamespace:
     """Import what the driver needs, with the triton stub in place if triton is missing."""
     # the real kernels import where triton is installed; elsewhere a stub stands in
     if _PAGED_STASH not in sys.modules and importlib.util.find_spec("triton") is None:
@@ -142,7 +142,7 @@ class MegatronDriver(harness.Driver):
         if x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the Megatron-Core baseline runs on cpu or cuda tensors, got {x.device}")
         super().__init__(x, topk_idx, topk_weights, experts, group)
-        self._mc = _import()
+        self._mc = import_framework()
         ep = group if group is not None else dist.group.WORLD
         ranks = dist.get_process_group_ranks(ep)
         alone = None

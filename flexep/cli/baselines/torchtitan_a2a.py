@@ -38,7 +38,7 @@ import torch.distributed as dist
 from . import harness
 from .availability import Framework, check_installed
 
-__all__ = ["FRAMEWORK", "is_available", "TorchtitanDriver", "run"]
+__all__ = ["FRAMEWORK", "is_available", "import_framework", "TorchtitanDriver", "run"]
 
 FRAMEWORK = Framework(
     name="torchtitan", label="torchtitan's AllToAllTokenDispatcher", dist="torchtitan", version="0.3.0",
@@ -63,7 +63,7 @@ def _unavailable(*_args, **_kwargs):
     raise NotImplementedError("triton kernels are unavailable here")
 
 
-def _import() -> types.SimpleNamespace:
+def import_framework() -> types.SimpleNamespace:
     """Import what the driver needs, with the triton stub in place if triton is missing."""
     # the real kernels import where triton is installed; elsewhere a stub stands in
     if _KERNELS not in sys.modules and importlib.util.find_spec("triton") is None:
@@ -93,7 +93,7 @@ class TorchtitanDriver(harness.Driver):
             raise ValueError("the torchtitan baseline runs on the whole world (torchtitan builds its "
                              "meshes from the default group)")
         super().__init__(x, topk_idx, topk_weights, experts, group)
-        tt = _import()
+        tt = import_framework()
         # torchtitan picks "cuda" when it finds no accelerator; the meshes live where x does.
         tt.parallel_dims.device_type = x.device.type
         tt.dist_utils.set_spmd_backend(SPMD_BACKEND)  # what the trainer does from its config
