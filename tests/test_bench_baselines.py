@@ -113,6 +113,13 @@ def test_report_rows_ratios_and_notes():
     assert len(words) == 4
 
 
+@pytest.mark.parametrize("mode", [["--mode", "low-latency"], ["--api", "v2"]])
+def test_baselines_only_with_the_v1_normal_bench(mode, capsys):
+    from flexep.cli.bench import main
+    assert main(["--baselines", *mode]) == 2
+    assert "--baselines runs with the V1 normal-mode bench" in capsys.readouterr().err
+
+
 @pytest.mark.ranks
 def test_bench_with_baselines(tmp_path, capsys):
     """Where a framework is installed it runs and passes its check; where not, a note says why and

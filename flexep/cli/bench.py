@@ -414,11 +414,11 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
 
 def run(a: argparse.Namespace) -> int:
     """Run ``flexep bench`` with parsed options; print on one rank; 0 on success."""
+    if a.baselines and (a.mode == "low-latency" or a.api == "v2"):
+        print("flexep bench: --baselines runs with the V1 normal-mode bench (no --mode low-latency, "
+              "no --api v2)", file=sys.stderr)
+        return 2
     if a.mode == "low-latency":
-        if a.baselines:
-            print("flexep bench: --baselines compares normal-mode dispatchers; drop --mode low-latency",
-                  file=sys.stderr)
-            return 2
         from .bench_ll import run as run_low_latency
         return run_low_latency(a)
     if a.api == "v2":
