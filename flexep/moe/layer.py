@@ -285,15 +285,24 @@ class MoELayer(torch.nn.Module):
         # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
         # combine accumulates); for float32 models this is plain float32 arithmetic.
         y = self.experts(recv_x[rows], counts).float() * recv_w[rows, slots].unsqueeze(1)
-        per_slot = y.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
         if self.slotwise_combine:
             # One combine per slot: each sums one non-zero row (the slot's expert lives on one
             # rank) with zeros, which is exact. (Buffer.combine keeps the dispatch's hidden
             # size, so the K slots cannot travel as one [M, K*H] row.)
+            per_slot = y.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
             outs = [autograd.combine(self.buffer, per_slot[:, j].to(x.dtype).contiguous(), handle)
                     for j in range(k)]
             return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
-        return autograd.combine(self.buffer, _sum_slots(per_slot).to(x.dtype), handle)
+        # Slot by slot into one [M, H] accumulator: the same additions in the same order as summing
+        # a zero-filled [M, K, H] over K (a missing slot adds an exact zero), without that buffer.
+        by_slot = torch.sort(slots, stable=True).indices
+        summed = y.new_zeros(m, x.size(1))
+        start = 0
+        for n in torch.bincount(slots, minlength=k).tolist():
+            part = by_slot[start:start + n]
+            summed = summed.index_add(0, rows[part], y[part])
+            start += n
+        return autograd.combine(self.buffer, summed.to(x.dtype), handle)
 
     def _routed_low_latency(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor) -> torch.Tensor:
