@@ -384,7 +384,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a short run (256 tokens/rank, hidden 2048, 2 iterations): checks the set-up")
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
-                   help="normal (default) or low-latency (decode: 128 tokens/rank by default)")
+                   help="normal (default) or low-latency (decode: 1, 8 and 128 tokens/rank by default, "
+                   "each next to one raw all_to_all each way)")
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -402,9 +403,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.mode == "low-latency":
         from .bench_ll import run_low_latency_bench
-        tokens = a.tokens if "--tokens" in (argv or sys.argv) else 128
-        run_low_latency_bench(world_size=a.world, num_tokens=tokens, hidden=a.hidden,
-                              num_topk=a.topk, num_experts=a.experts, json_path=a.json)
+        tokens = [a.tokens] if "--tokens" in (argv or sys.argv) else [1, 8, 128]
+        run_low_latency_bench(world_size=a.world, tokens=tokens, hidden=a.hidden, num_topk=a.topk,
+                              num_experts=a.experts, iters=a.iters, warmup=a.warmup, fp8=a.fp8,
+                              channels=[int(c) for c in str(a.channels).split(",")],
+                              ranks_per_node=a.ranks_per_node, json_path=a.json)
         return 0
     summary = run_bench(config_from_args(a))
     if _under_torchrun():  # rank 0 reports, everyone leaves the group cleanly

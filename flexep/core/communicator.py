@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..algorithms import logfmt
 from ..algorithms.contract import (
     CachedDispatchRequest,
     Combined,
@@ -43,7 +44,7 @@ from ..algorithms.contract import (
 )
 from ..algorithms.flat import Flat
 from ..algorithms.hierarchical import Hierarchical
-from ..algorithms.low_latency import LowLatency, WireRow
+from ..algorithms.low_latency import LowLatency, WeightsRow, WireRow
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
 from ..comm.control import ControlPlane, Header, dtype_code
 from ..comm.failure import FailureDetector
@@ -53,6 +54,7 @@ from ..device import group_carries
 from ..errors import CapacityError
 from ..layout import DispatchLayout, aligned_expert_counts, compute_layout
 from . import checks as C
+from . import ll_agreement
 
 __all__ = ["Options", "Communicator"]
 
@@ -176,6 +178,7 @@ class Communicator:
         # (their width grows, agreed, on the first dispatch with more local experts).
         control.extra_width, control.per_dest_width = self.normal.extra_width, 0
         self.control = control
+        self.in_band = ll_agreement.InBand(control)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -375,13 +378,19 @@ class Communicator:
         receives). Never reads the device on the host (with the default ``validate``)."""
         self._begin("ll_dispatch")
         req, error = self._build(request, self.check_ll_dispatch)
-        mode = 0
-        if req is not None:
-            mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
-        self._agreement("ll_dispatch", error, lambda: dict(
-            hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
-            num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0)))
-        pending, handle = self.low_latency.dispatch(req)
+        values = (lambda: _ll_dispatch_values(req))
+        if self._ll_in_band:
+            frame = None
+            if req is not None:
+                row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8,
+                                 req.use_ue8m0, header=True)
+                frame = (req.capacity, row.nbytes, row.header_offset)
+            pending, handle = self._ll_checked(
+                "ll_dispatch", "ll_dispatch", error, values, frame,
+                lambda h, v: self.low_latency.dispatch(req, header=h, verify=v))
+        else:
+            self._agreement("ll_dispatch", error, values)
+            pending, handle = self.low_latency.dispatch(req)
         row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8, req.use_ue8m0).nbytes
         self._set_ll_minimum(req.topk_idx, req.num_experts, row)
         return pending, handle
@@ -396,13 +405,49 @@ class Communicator:
         """Launch a fixed-capacity weighted combine; returns the pending half."""
         self._begin("ll_combine")
         req, error = self._build(request, self.check_ll_combine)
-        self._agreement("ll_combine", error, lambda: dict(
-            hidden=req.handle.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=req.handle.num_experts,
-            num_topk=req.topk_weights.size(1), capacity=req.handle.num_max_dispatch_tokens_per_rank,
-            num_tokens=req.handle.num_tokens))
-        pending = self.low_latency.combine(req)
-        self._set_ll_combine_minimum(req.handle, req.handle.hidden * req.x.element_size())
+        values = (lambda: _ll_combine_values(req))
+        if self._ll_in_band:
+            frame = None
+            if req is not None:
+                wrow = WeightsRow(req.topk_weights.size(1), header=True)
+                frame = (req.handle.num_max_dispatch_tokens_per_rank, wrow.nbytes, wrow.header_offset)
+            pending = self._ll_checked("ll_combine", "ll_weights", error, values, frame, lambda h, v:
+                                       self.low_latency.combine(req, header=h, verify=v,
+                                                                use_logfmt=req.use_logfmt))
+        else:
+            self._agreement("ll_combine", error, values)
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        hidden = req.handle.hidden
+        row = logfmt.row_bytes(hidden) if req.use_logfmt else hidden * req.x.element_size()
+        self._set_ll_combine_minimum(req.handle, row)
         return pending
+
+    @property
+    def _ll_in_band(self) -> bool:
+        """Low-latency checks ride in the payload: checks on and the payload is on the host."""
+        return self.check_consistency and self.host_group is None
+
+    def _ll_checked(self, op: str, phase: str, error: Optional[BaseException], values: Callable[[], dict],
+                    frame: Optional[tuple], launch: Callable):
+        """Run ``launch(header, verify)`` under the in-band checks of :mod:`flexep.core.ll_agreement`.
+
+        ``frame``: ``(rows per peer, bytes per row, header offset)`` of this call (None on a
+        local error). Raises on every rank as the control round would.
+        """
+        agree, tp, gen = self.in_band, self.transport, self.control.generation
+        pinned = agree.pinned.get(op)
+        if pinned is None:  # the first call of its kind: a full round, then the frame is pinned
+            self._agreement(op, error, values)
+            pinned = agree.pinned[op] = frame
+        if error is not None or frame != pinned:
+            status = ll_agreement.ERROR if error is not None else ll_agreement.PROBE
+            probe = ll_agreement.header(op, tp.seq, gen, status, None if error is not None else values())
+            rows, nbytes, offset = pinned
+            got = self.low_latency.probe(phase, rows, nbytes, offset, probe, torch.device("cpu"))
+            agree.verdict(op, got, error)  # raises unless every rank probed with this same call
+            agree.pinned[op] = frame
+        head = ll_agreement.header(op, tp.seq, gen, ll_agreement.OK, values())
+        return launch(head, lambda got: agree.verdict(op, got))
 
     def check_ll_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle):
@@ -444,6 +489,19 @@ def _per_peer(topo: Topology, rank: int, rows: torch.Tensor, row_bytes: int) -> 
     for peer, n in enumerate(rows.tolist()):
         out[topo.link_class(rank, peer)] += int(n) * row_bytes
     return out
+
+
+def _ll_dispatch_values(req: LLDispatchRequest) -> dict:
+    mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
+    return dict(hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
+                num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0))
+
+
+def _ll_combine_values(req: LLCombineRequest) -> dict:
+    h = req.handle
+    return dict(hidden=h.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=h.num_experts,
+                num_topk=req.topk_weights.size(1), capacity=h.num_max_dispatch_tokens_per_rank,
+                mode=int(bool(req.use_logfmt)), num_tokens=h.num_tokens)
 
 
 def _agree_dispatch(req: DispatchRequest) -> dict:

@@ -376,9 +376,9 @@ class Buffer:
         self._require_low_latency("low_latency_combine")
 
         def request() -> LLCombineRequest:
-            if use_logfmt:
-                raise ValueError("use_logfmt=True (DeepEP's lossy LogFMT combine) is not supported by "
-                                 "flexep; pass use_logfmt=False (combine sends x's dtype)")
+            if use_logfmt and zero_copy:
+                raise ValueError("use_logfmt=True and zero_copy=True are mutually exclusive (as in DeepEP): "
+                                 "pass the expert outputs as x to combine with LogFMT")
             self._check_hook_flags(async_finish, return_recv_hook)
             _check_ll_handle(handle)
             self.comm.check_ll_handle(handle)
@@ -398,7 +398,8 @@ class Buffer:
             source = self._zero_copy_source(handle, x) if zero_copy else aligned(x)
             dest = out if out is not None else torch.empty(handle.num_tokens, handle.hidden, dtype=x.dtype,
                                                            device=x.device)
-            return LLCombineRequest(x=source, topk_weights=topk_weights, handle=handle, out=dest)
+            return LLCombineRequest(x=source, topk_weights=topk_weights, handle=handle, out=dest,
+                                    use_logfmt=bool(use_logfmt))
         with self._call(_device_of(x), None, async_finish) as call:
             pending = self.comm.ll_combine(request)
             if not return_recv_hook:
