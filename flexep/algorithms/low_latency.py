@@ -56,10 +56,11 @@ from typing import Callable, Optional
 import torch
 
 from ..comm.pool import BufferPool
-from ..comm.transport import Exchange, Transport
+from ..comm.transport import Transport
 from . import logfmt
 from .contract import LLCombineRequest, LLDispatchRequest, LowLatencyHandle
 from .ll_reduce import reduce_owner, sum_partials
+from .ll_shrink import Posted, ShrinkLink
 from .ll_wire import (
     HEADER_BYTES,
     DispatchOutputs,
@@ -103,10 +104,11 @@ def block_headers(recv: torch.Tensor, header_offset: int, num_ranks: int) -> tor
 class PendingDispatch:
     """Send half of an LL dispatch: outputs exist (unfilled) until :meth:`finish` runs."""
 
-    def __init__(self, tp: Transport, exchange: Exchange, recv: torch.Tensor, out: DispatchOutputs,
+    def __init__(self, algo: LowLatency, exchange, recv: torch.Tensor, out: DispatchOutputs,
                  row: WireRow, on_done: Optional[Callable[[DispatchOutputs], None]] = None,
                  verify: Optional[Verify] = None) -> None:
-        self._tp, self._exchange, self._recv, self.out, self._row = tp, exchange, recv, out, row
+        self._algo, self._exchange, self._recv, self.out, self._row = algo, exchange, recv, out, row
+        self._tp = algo.tp
         self._on_done, self._verify = on_done, verify
         self.done = False
 
@@ -114,7 +116,7 @@ class PendingDispatch:
         """Wait for the exchange, check the headers, fill the outputs (idempotent)."""
         if self.done:
             return
-        self._tp.wait(self._exchange)
+        self._algo.wait(self._exchange)
         recv, self._recv = self._recv, None
         if self._verify is not None:
             self._verify(block_headers(recv, self._row.header_offset, self._tp.world))
@@ -127,17 +129,17 @@ class PendingDispatch:
 class PendingCombine:
     """Send half of an LL combine: ``out`` is filled when :meth:`finish` runs."""
 
-    def __init__(self, tp: Transport, exchange: Exchange, back: torch.Tensor, index: torch.Tensor,
-                 out: torch.Tensor, pool: BufferPool, hidden: int, use_logfmt: bool) -> None:
-        self._tp, self._exchange, self._back, self._index, self.out = tp, exchange, back, index, out
-        self._pool, self._hidden, self._logfmt = pool, hidden, use_logfmt
+    def __init__(self, algo: LowLatency, exchange, back: torch.Tensor, index: torch.Tensor,
+                 out: torch.Tensor, hidden: int, use_logfmt: bool) -> None:
+        self._algo, self._exchange, self._back, self._index, self.out = algo, exchange, back, index, out
+        self._pool, self._hidden, self._logfmt = algo.pool, hidden, use_logfmt
         self.done = False
 
     def finish(self) -> None:
         """Wait for the partial sums and reduce them into ``out`` (idempotent)."""
         if self.done:
             return
-        self._tp.wait(self._exchange)
+        self._algo.wait(self._exchange)
         back, self._back = self._back, None
         if self._logfmt:
             back = logfmt.decode(back, self._hidden)
@@ -153,6 +155,21 @@ class LowLatency:
     def __init__(self, tp: Transport, owner: int) -> None:
         self.tp, self.owner = tp, owner
         self.pool = BufferPool()
+        self.link: Optional[ShrinkLink] = None  # shrink mode (see flexep.algorithms.ll_shrink)
+
+    def start(self, phase: str, send: torch.Tensor, recv: torch.Tensor, capacity: int, empty: int):
+        """Post an exchange of ``capacity`` rows per peer; in shrink mode a silent peer's block
+        reads as bytes ``empty`` (0xFF: padding rows, ids -1; 0: zeros)."""
+        if self.link is not None:
+            return self.link.start(phase, send, recv, ShrinkLink.fill(empty))
+        even = [capacity] * self.tp.world
+        return self.tp.start(phase, [send], [recv], even, even)
+
+    def wait(self, exchange) -> None:
+        if isinstance(exchange, Posted):
+            self.link.wait(exchange)
+        else:
+            self.tp.wait(exchange)
 
     def dispatch(self, req: LLDispatchRequest, header: Optional[torch.Tensor] = None,
                  verify: Optional[Verify] = None) -> tuple[PendingDispatch, LowLatencyHandle]:
@@ -170,13 +187,12 @@ class LowLatency:
                              header=header, alloc=alloc)
         recv = alloc("ll_recv", tuple(send.shape), torch.uint8, x.device)
         tp.fault_point("before_payload")
-        even = [capacity] * world
-        exchange = tp.start("ll_dispatch", [send], [recv], even, even)
+        exchange = self.start("ll_dispatch", send, recv, capacity, 0xFF)
         out = DispatchOutputs.allocate(num_local, world, capacity, topk_idx.size(1), row, x.size(1),
                                        x.dtype, req.use_fp8, req.use_ue8m0, x.device, alloc)
         stats = req.cumulative_local_expert_recv_stats
         on_done = None if stats is None else (lambda o: stats.add_(o.recv_count.to(stats.dtype)))
-        pending = PendingDispatch(tp, exchange, recv, out, row, on_done, verify)
+        pending = PendingDispatch(self, exchange, recv, out, row, on_done, verify)
         handle = LowLatencyHandle(
             recv_src_info=out.recv_src_info(), recv_layout_range=out.layout_range,
             num_max_dispatch_tokens_per_rank=capacity, hidden=x.size(1), num_experts=req.num_experts,
@@ -188,7 +204,7 @@ class LowLatency:
                 verify: Optional[Verify] = None, use_logfmt: bool = False) -> PendingCombine:
         """Weights round (checked by ``verify``), owner reduction, launch of the return exchange."""
         tp, handle, alloc = self.tp, req.handle, self.pool.get
-        even = [handle.num_max_dispatch_tokens_per_rank] * tp.world
+        capacity = handle.num_max_dispatch_tokens_per_rank
         w = req.topk_weights
         wrow = WeightsRow(w.size(1), header is not None)
         tokens = alloc("ll_wtokens", (w.size(0) + 1, wrow.nbytes), torch.uint8, w.device)
@@ -201,7 +217,7 @@ class LowLatency:
         torch.index_select(as_words(tokens), 0, index, out=as_words(w_send))
         w_recv = alloc("ll_wrecv", tuple(w_send.shape), torch.uint8, w.device)
         tp.fault_point("before_weights")
-        tp.all_to_all("ll_weights", [w_send], [w_recv], even, even)
+        self.wait(self.start("ll_weights", w_send, w_recv, capacity, 0))
         if verify is not None:
             verify(block_headers(w_recv, wrow.header_offset, tp.world))
         weights = w_recv[:, :4 * wrow.num_topk].view(torch.float32)
@@ -210,8 +226,8 @@ class LowLatency:
             partial = logfmt.encode(partial)
         back = alloc("ll_back", tuple(partial.shape), partial.dtype, partial.device)
         tp.fault_point("before_payload")
-        exchange = tp.start("ll_combine", [partial], [back], even, even)
-        return PendingCombine(tp, exchange, back, index, req.out, self.pool, handle.hidden, use_logfmt)
+        exchange = self.start("ll_combine", partial, back, capacity, 0)
+        return PendingCombine(self, exchange, back, index, req.out, handle.hidden, use_logfmt)
 
     def probe(self, phase: str, rows: int, row_bytes: int, header_offset: int, header: torch.Tensor,
               device: torch.device) -> torch.Tensor:

@@ -44,6 +44,7 @@ from ..algorithms.contract import (
 )
 from ..algorithms.flat import Flat
 from ..algorithms.hierarchical import Hierarchical
+from ..algorithms.ll_shrink import ShrinkLink
 from ..algorithms.low_latency import LowLatency, WeightsRow, WireRow
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
 from ..comm.control import ControlPlane, Header, dtype_code
@@ -379,7 +380,11 @@ class Communicator:
         self._begin("ll_dispatch")
         req, error = self._build(request, self.check_ll_dispatch)
         values = (lambda: _ll_dispatch_values(req))
-        if self._ll_in_band:
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending, handle = self.low_latency.dispatch(req)
+        elif self._ll_in_band:
             frame = None
             if req is not None:
                 row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8,
@@ -406,7 +411,11 @@ class Communicator:
         self._begin("ll_combine")
         req, error = self._build(request, self.check_ll_combine)
         values = (lambda: _ll_combine_values(req))
-        if self._ll_in_band:
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        elif self._ll_in_band:
             frame = None
             if req is not None:
                 wrow = WeightsRow(req.topk_weights.size(1), header=True)
@@ -421,6 +430,24 @@ class Communicator:
         row = logfmt.row_bytes(hidden) if req.use_logfmt else hidden * req.x.element_size()
         self._set_ll_combine_minimum(req.handle, row)
         return pending
+
+    @property
+    def shrink(self) -> bool:
+        """Shrink mode: low-latency calls mask silent peers (:mod:`flexep.algorithms.ll_shrink`)."""
+        return self.low_latency.link is not None
+
+    def enable_shrink(self) -> None:
+        """Route low-latency exchanges point to point through the store, with a peer mask.
+
+        Local errors are then raised on the calling rank only (no collective checks): a peer
+        that does not take part is masked by the others after ``timeout`` seconds.
+        """
+        self.low_latency.link = ShrinkLink(self.uid, self.transport)
+
+    def shrink_barrier(self) -> None:
+        """DeepEP's shrink barrier: every unmasked peer, the silent ones masked."""
+        self._begin("ll_clean")
+        self.low_latency.link.barrier()
 
     @property
     def _ll_in_band(self) -> bool:

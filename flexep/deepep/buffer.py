@@ -54,7 +54,10 @@ class Buffer:
             :meth:`get_low_latency_rdma_size_hint`, as in DeepEP; otherwise informational.
         low_latency_mode: enable the low-latency API.
         num_qps_per_rank: accepted (queue pairs belong to the backend; see ``num_channels``).
-        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, enable_shrink: accepted.
+        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted.
+        enable_shrink: DeepEP's shrink mode: low-latency calls mask a peer that stays silent for
+            ``timeout`` seconds instead of raising, and the ``low_latency_*_mask_buffer`` methods
+            work (see ``docs/low-latency.md``).
         explicitly_destroy: if True, :meth:`destroy` must be called (as DeepEP).
         comm: mpi4py communicators are not supported; pass ``group``.
 
@@ -98,13 +101,16 @@ class Buffer:
         options = Options(ranks_per_node=ranks_per_node, hierarchical=hierarchical,
                           num_channels=num_channels, timeout=timeout,
                           check_consistency=check_consistency, validate=validate, verify=verify)
-        self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode)},
+        self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode),
+                                                         "enable_shrink": int(self.enable_shrink)},
                                  error=error, label="Buffer", fault_hook=_fault_hook)
         self.topology, self.hierarchical = self.comm.topology, self.comm.hierarchical
         self.num_channels, self.uid = self.comm.num_channels, self.comm.uid
         self.check_consistency, self.validate = self.comm.check_consistency, validate
         self._streams = CommStreams()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
+        if self.enable_shrink:
+            self.comm.enable_shrink()
 
     # ---- DeepEP class/static helpers -------------------------------------------------------
     @staticmethod
@@ -313,6 +319,11 @@ class Buffer:
             self._check_ll_size(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         except (TypeError, ValueError) as exc:
             error = exc
+        if self.comm.shrink:  # DeepEP's shrink barrier: silent peers are masked, not waited for
+            if error is not None:
+                raise error
+            self.comm.shrink_barrier()
+            return
         self.comm.barrier("ll_clean", error, **({} if error else dict(
             capacity=num_max_dispatch_tokens_per_rank, hidden=hidden, num_experts=num_experts)))
 
@@ -430,6 +441,35 @@ class Buffer:
             raise ValueError("zero_copy=True reads get_next_low_latency_combine_buffer(handle): call it "
                              "and write the expert outputs into it first")
         return buf
+
+    # ---- shrink mode (DeepEP's mask buffer) --------------------------------------------------
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask (the default, as DeepEP) ``rank_to_mask`` on this rank
+        only: a masked rank is neither sent to nor waited for by this rank's low-latency calls."""
+        link = self._shrink_link("low_latency_update_mask_buffer")
+        C.check_int("rank_to_mask", rank_to_mask, minimum=0)
+        if rank_to_mask >= self.group_size:
+            raise ValueError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask}")
+        link.update(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy this rank's mask into ``mask_status: [num_ranks] int32`` (1 = masked)."""
+        link = self._shrink_link("low_latency_query_mask_buffer")
+        C.check_tensor("mask_status", mask_status, dtypes=(torch.int32,), contiguous=True)
+        if mask_status.numel() != self.group_size:
+            raise ValueError(f"mask_status must have {self.group_size} elements (one per rank), got "
+                             f"{mask_status.numel()}")
+        mask_status.view(-1).copy_(link.mask)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (this rank's mask only)."""
+        self._shrink_link("low_latency_clean_mask_buffer").clear()
+
+    def _shrink_link(self, what: str):
+        self.comm.ensure_alive()
+        if not self.comm.shrink:
+            raise RuntimeError(f"{what} needs a Buffer created with enable_shrink=True")
+        return self.comm.low_latency.link
 
     # ---- helpers ---------------------------------------------------------------------------
     def _call(self, device: Optional[torch.device], previous_event, async_finish):
