@@ -286,16 +286,16 @@ def expand_dispatch(recv: torch.Tensor, out: DispatchOutputs, row: WireRow, rank
     flat = torch.arange(num_local, device=recv.device) * rows + running - 1  # [R, L]
     slot = torch.where(is_local, flat.gather(1, col.clamp(max=num_local - 1)), spare)  # [R, K]
     out.recv_slot.copy_(slot)
+    num_topk = slot.size(1)
     src = recv[:, row.src_offset:row.ids_offset].view(torch.int32)  # [R, 1]
     out.src_flat.fill_(-1)
-    for k in range(slot.size(1)):
-        out.src_flat.index_copy_(0, slot[:, k], src[:, 0])
+    out.src_flat.scatter_(0, slot.view(-1), src.expand(rows, num_topk).reshape(-1))
     data, dst = as_words(recv[:, :row.data_bytes]), as_words(out.x_flat)
-    for k in range(slot.size(1)):
+    for k in range(num_topk):
         dst.index_copy_(0, slot[:, k], data)
     if out.scales_store is not None:
         scales = recv[:, row.scale_offset:row.src_offset].view(out.scales_store.dtype)
         by_token = out.scales_store.transpose(1, 2)  # [L + 1, R, S'] view, spare expert L
-        expert, within = torch.div(slot, rows, rounding_mode="floor"), slot % rows
-        for k in range(slot.size(1)):
-            by_token.index_put_((expert[:, k], within[:, k]), scales)
+        flat = slot.view(-1)
+        per_pair = scales.unsqueeze(1).expand(rows, num_topk, scales.size(1)).reshape(rows * num_topk, -1)
+        by_token.index_put_((torch.div(flat, rows, rounding_mode="floor"), flat % rows), per_pair)

@@ -33,6 +33,11 @@ def _count(base: torch.Tensor) -> int:
     return _use_count(base.untyped_storage()._cdata)
 
 
+def _slot(base: torch.Tensor) -> tuple:
+    """``(base, baseline)``: the use count of a storage that only the pool holds."""
+    return base, _count(base)
+
+
 class BufferPool:
     """Named tensors reused across calls once released (see the module docstring).
 
@@ -50,22 +55,21 @@ class BufferPool:
 
         Its contents are whatever an earlier user left (DeepEP's buffers behave the same).
         """
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         nbytes = max(1, math.prod(shape) * itemsize)
-        device = torch.device(device)
         slots = self._slots.setdefault((name, device), [])
         free = self._free(slots, nbytes)
         if free is None:
             base = torch.empty(nbytes + nbytes // 8, dtype=torch.uint8, device=device)
             if _use_count is not None and len(slots) < self.depth:
-                slots.append((base, _count(base)))
+                slots.append(_slot(base))
             elif _use_count is not None and slots:
                 # Every kept buffer is too small or in use: replace the smallest free one, so
                 # that a growing shape does not leave the pool holding stale small buffers.
                 idle = [i for i, (b, c) in enumerate(slots) if _count(b) == c]
                 if idle:
                     i = min(idle, key=lambda j: slots[j][0].numel())
-                    slots[i] = (base, _count(base))
+                    slots[i] = _slot(base)
             free = base
         return free[:math.prod(shape) * itemsize].view(dtype).view(shape)
 
