@@ -61,13 +61,15 @@ PROFILE_PHASES = (
 
 
 def _inputs(rank: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int):
-    """DeepEP-style decode inputs: ``x [T, H] bf16``, top-k of random scores, |randn| weights."""
+    """DeepEP-style decode inputs: ``x [T, H] bf16``, top-k of random scores, |randn| weights,
+    DeepEP's 10 unused slots per 128 tokens."""
     gen = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
     scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
     topk_idx = scores.topk(num_topk, dim=1).indices
     flat = topk_idx.view(-1)
-    flat[torch.randperm(flat.numel(), generator=gen)[:min(10, flat.numel() - 1)]] = -1  # DeepEP: 10
+    # DeepEP masks 10 random slots of 128 tokens; scaled to the batch (none below 13 tokens)
+    flat[torch.randperm(flat.numel(), generator=gen)[:10 * num_tokens // 128]] = -1
     weights = torch.randn(num_tokens, num_topk, generator=gen).abs()
     return x, topk_idx, weights
 
