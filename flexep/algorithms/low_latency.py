@@ -156,6 +156,24 @@ class LowLatency:
         self.tp, self.owner = tp, owner
         self.pool = BufferPool()
         self.link: Optional[ShrinkLink] = None  # shrink mode (see flexep.algorithms.ll_shrink)
+        self.groups: Optional[dict] = None  # phase -> own process group (see :meth:`use_groups`)
+
+    def use_groups(self, groups: dict) -> None:
+        """Run the exchanges on groups of their own: ``{"frames": g, "weights": g}`` (the
+        transport's channel lanes for the roles of the same names extend them).
+
+        Payload frames that carry their own checks (:mod:`flexep.core.ll_agreement`) are posted
+        without a preceding control round, so a rank making another call must never meet them
+        on a group where its exchange has another size (Gloo aborts on a size mismatch): on
+        groups of their own, a mismatched call waits and ends at the deadline instead.
+        """
+        self.groups = groups
+
+    def _route(self, phase: str) -> dict:
+        if self.groups is None:
+            return {}
+        role = "weights" if phase == "ll_weights" else "frames"
+        return {"group": self.groups[role], "role": "ll_" + role}
 
     def start(self, phase: str, send: torch.Tensor, recv: torch.Tensor, capacity: int, empty: int):
         """Post an exchange of ``capacity`` rows per peer; in shrink mode a silent peer's block
@@ -163,7 +181,7 @@ class LowLatency:
         if self.link is not None:
             return self.link.start(phase, send, recv, ShrinkLink.fill(empty))
         even = [capacity] * self.tp.world
-        return self.tp.start(phase, [send], [recv], even, even)
+        return self.tp.start(phase, [send], [recv], even, even, **self._route(phase))
 
     def wait(self, exchange) -> None:
         if isinstance(exchange, Posted):
@@ -243,5 +261,5 @@ class LowLatency:
             header.expand(send.size(0), -1))
         recv = alloc("ll_probe_recv", tuple(send.shape), torch.uint8, device)
         even = [rows] * tp.world
-        tp.all_to_all(phase, [send], [recv], even, even)
+        tp.all_to_all(phase, [send], [recv], even, even, **self._route(phase))
         return block_headers(recv, header_offset, tp.world)

@@ -449,10 +449,22 @@ class Communicator:
         self._begin("ll_clean")
         self.low_latency.link.barrier()
 
+    def prepare_low_latency(self) -> None:
+        """Give low-latency exchanges process groups of their own (collective: every rank of the
+        group calls it, once), so that their checks can ride in the payload (see
+        :meth:`flexep.algorithms.low_latency.LowLatency.use_groups`)."""
+        ranks = list(range(self.world))
+        lanes = {role: [subgroup(self.group, ranks) for _ in range(self.num_channels)]
+                 for role in ("frames", "weights")}
+        for role, groups in lanes.items():
+            self.transport.channels["ll_" + role] = groups[1:]
+        self.low_latency.use_groups({role: groups[0] for role, groups in lanes.items()})
+
     @property
     def _ll_in_band(self) -> bool:
-        """Low-latency checks ride in the payload: checks on and the payload is on the host."""
-        return self.check_consistency and self.host_group is None
+        """Low-latency checks ride in the payload: checks on, the payload on the host, and the
+        exchanges on groups of their own (:meth:`prepare_low_latency`)."""
+        return self.check_consistency and self.host_group is None and self.low_latency.groups is not None
 
     def _ll_checked(self, op: str, phase: str, error: Optional[BaseException], values: Callable[[], dict],
                     frame: Optional[tuple], launch: Callable):

@@ -109,6 +109,8 @@ class Buffer:
         self.check_consistency, self.validate = self.comm.check_consistency, validate
         self._streams = CommStreams()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
+        if self.low_latency_mode:
+            self.comm.prepare_low_latency()
         if self.enable_shrink:
             self.comm.enable_shrink()
 
