@@ -296,7 +296,7 @@ def _worker(rank: int, world: int) -> str:
         _check_dispatch(rank, world, num_experts, xs, topk, res, fp8=(round_scale, ue8m0))
 
     # Hooks: three dispatches in flight at once, received in reverse order, then a hooked
-    # combine; every result stays valid (fresh tensors, no double-buffer limit).
+    # combine; every result stays valid (buffers are reused only once released).
     stats = torch.zeros(local, dtype=torch.int32)
     rounds = [_inputs(world, num_experts, 10 + i, tokens[i:] + tokens[:i]) for i in range(3)]
     pending = [buf.low_latency_dispatch(r[0][rank], r[1][rank], M, num_experts, use_fp8=i % 2 == 1,

@@ -390,8 +390,8 @@ class Communicator:
                 row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8,
                                  req.use_ue8m0, header=True)
                 frame = (req.capacity, row.nbytes, row.header_offset)
-            pending, handle = self._ll_checked(
-                "ll_dispatch", "ll_dispatch", error, values, frame,
+            pending, handle = self.in_band.call(
+                self, "ll_dispatch", error, values, frame,
                 lambda h, v: self.low_latency.dispatch(req, header=h, verify=v))
         else:
             self._agreement("ll_dispatch", error, values)
@@ -420,9 +420,9 @@ class Communicator:
             if req is not None:
                 wrow = WeightsRow(req.topk_weights.size(1), header=True)
                 frame = (req.handle.num_max_dispatch_tokens_per_rank, wrow.nbytes, wrow.header_offset)
-            pending = self._ll_checked("ll_combine", "ll_weights", error, values, frame, lambda h, v:
-                                       self.low_latency.combine(req, header=h, verify=v,
-                                                                use_logfmt=req.use_logfmt))
+            pending = self.in_band.call(self, "ll_combine", error, values, frame, lambda h, v:
+                                        self.low_latency.combine(req, header=h, verify=v,
+                                                                 use_logfmt=req.use_logfmt))
         else:
             self._agreement("ll_combine", error, values)
             pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
@@ -465,28 +465,6 @@ class Communicator:
         """Low-latency checks ride in the payload: checks on, the payload on the host, and the
         exchanges on groups of their own (:meth:`prepare_low_latency`)."""
         return self.check_consistency and self.host_group is None and self.low_latency.groups is not None
-
-    def _ll_checked(self, op: str, phase: str, error: Optional[BaseException], values: Callable[[], dict],
-                    frame: Optional[tuple], launch: Callable):
-        """Run ``launch(header, verify)`` under the in-band checks of :mod:`flexep.core.ll_agreement`.
-
-        ``frame``: ``(rows per peer, bytes per row, header offset)`` of this call (None on a
-        local error). Raises on every rank as the control round would.
-        """
-        agree, tp, gen = self.in_band, self.transport, self.control.generation
-        pinned = agree.pinned.get(op)
-        if pinned is None:  # the first call of its kind: a full round, then the frame is pinned
-            self._agreement(op, error, values)
-            pinned = agree.pinned[op] = frame
-        if error is not None or frame != pinned:
-            status = ll_agreement.ERROR if error is not None else ll_agreement.PROBE
-            probe = ll_agreement.header(op, tp.seq, gen, status, None if error is not None else values())
-            rows, nbytes, offset = pinned
-            got = self.low_latency.probe(phase, rows, nbytes, offset, probe, torch.device("cpu"))
-            agree.verdict(op, got, error)  # raises unless every rank probed with this same call
-            agree.pinned[op] = frame
-        head = ll_agreement.header(op, tp.seq, gen, ll_agreement.OK, values())
-        return launch(head, lambda got: agree.verdict(op, got))
 
     def check_ll_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle):

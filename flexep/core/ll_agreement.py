@@ -28,7 +28,7 @@ Header words (int64): ``magic16 | op8 | status8 | generation32``, ``seq32 | num_
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,6 +39,7 @@ __all__ = ["InBand", "header", "OK", "ERROR", "PROBE"]
 OK, ERROR, PROBE = 0, 1, 2
 _MAGIC16 = 0x4C4C
 _M32 = 0xFFFFFFFF
+_PHASE = {"ll_dispatch": "ll_dispatch", "ll_combine": "ll_weights"}  # the exchange carrying the header
 
 
 def header(op: str, seq: int, generation: int, status: int, values: Optional[dict] = None) -> torch.Tensor:
@@ -80,6 +81,28 @@ class InBand:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
         self.pinned: dict = {}
+
+    def call(self, comm, op: str, error: Optional[BaseException], values: Callable[[], dict],
+             frame: Optional[tuple], launch: Callable):
+        """Run ``launch(header, verify)`` for call ``op`` of communicator ``comm`` under these
+        checks; raises on every rank as the control round would.
+
+        ``frame``: ``(rows per peer, bytes per row, header offset)`` of this call (None on a
+        local ``error``); ``values()``: its agreement fields.
+        """
+        tp, gen = comm.transport, self.control.generation
+        pinned = self.pinned.get(op)
+        if pinned is None:  # the first call of its kind: a full round, then the frame is pinned
+            comm._agreement(op, error, values)
+            pinned = self.pinned[op] = frame
+        if error is not None or frame != pinned:
+            status = ERROR if error is not None else PROBE
+            probe = header(op, tp.seq, gen, status, None if error is not None else values())
+            rows, nbytes, offset = pinned
+            got = comm.low_latency.probe(_PHASE[op], rows, nbytes, offset, probe, torch.device("cpu"))
+            self.verdict(op, got, error)  # raises unless every rank probed with this same call
+            self.pinned[op] = frame
+        return launch(header(op, tp.seq, gen, OK, values()), lambda got: self.verdict(op, got))
 
     def verdict(self, op: str, headers: torch.Tensor, error: Optional[BaseException] = None) -> str:
         """Check every rank's header (``[W, 4] int64`` on the host); raise as the control round

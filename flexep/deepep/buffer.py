@@ -4,11 +4,12 @@
 calling convention (argument names, tuple returns, events, handles) into core requests; every
 call is collective, validated on every rank, and bounded by ``timeout`` (see the core).
 
-Low-latency mode differences from DeepEP, all by design of a collective transport: results are
-fresh tensors (any number may be held; no cleaning between normal and low-latency calls),
-``dispatch_wait_recv_cost_stats``/``combine_wait_recv_cost_stats`` are accepted and left
-unchanged (a collective cannot attribute waiting to one source), and the receive buffer that
-``get_next_low_latency_combine_buffer`` returns is contiguous.
+Low-latency mode differences from DeepEP (``docs/low-latency.md``): buffers are reused only once
+nothing holds them (any number of results may be held; no cleaning between normal and
+low-latency calls), ``dispatch_wait_recv_cost_stats``/``combine_wait_recv_cost_stats`` are
+accepted and left unchanged (a collective cannot attribute waiting to one source), the receive
+buffer that ``get_next_low_latency_combine_buffer`` returns is contiguous, LogFMT rows have one
+fixed size, and shrink mode exchanges through the store.
 
 Shape legend: :mod:`flexep.algorithms.contract` (M received rows; in low-latency mode
 Q = ``num_max_dispatch_tokens_per_rank``).
