@@ -74,10 +74,14 @@ def _inputs(rank: int, num_tokens: int, hidden: int, num_topk: int, num_experts:
     return x, topk_idx, weights
 
 
-def _timed(fn: Callable, *args, **kwargs) -> float:
+def _timed(fn: Callable, *args, cpu: Optional[list] = None, **kwargs) -> float:
+    """Wall seconds of ``fn(*args)``, all ranks starting together; this process's CPU seconds
+    (its threads included: Gloo's send and receive work) are appended to ``cpu``."""
     dist.barrier()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn(*args, **kwargs)
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
     return time.perf_counter() - start
 
 
@@ -191,21 +195,24 @@ def _one_size(rank: int, world: int, tokens: int, cfg: dict) -> dict:
 
     times: dict = {}
     sent: dict = {}
+    cpu: dict = {}
     for it in range(cfg["warmup"] + cfg["iters"]):
-        t = {"raw": _timed(raw.both), "raw_dispatch": _timed(raw.dispatch),
-             "raw_combine": _timed(raw.combine)}
+        keep = it >= cfg["warmup"]
+        t = {"raw": _timed(raw.both, cpu=cpu.setdefault("raw", []) if keep else None),
+             "raw_dispatch": _timed(raw.dispatch), "raw_combine": _timed(raw.combine)}
         for c, buf in bufs.items():
-            t[f"ll_c{c}"] = _timed(both, buf)
+            t[f"ll_c{c}"] = _timed(both, buf, cpu=cpu.setdefault(f"ll_c{c}", []) if keep else None)
             t[f"ll_dispatch_c{c}"] = _timed(dispatch, buf)
             sent[f"ll_dispatch_c{c}"] = _peer_bytes(buf)
             t[f"ll_combine_c{c}"] = _timed(combine, buf)
             sent[f"ll_combine_c{c}"] = _peer_bytes(buf)
         if cfg["normal"]:
             t["normal"] = _timed(_normal_round, first, x, topk_idx, weights, num_experts, use_fp8)
-        if it >= cfg["warmup"]:
+        if keep:
             for k, v in t.items():
                 times.setdefault(k, []).append(v)
-    out = dict(times=times, sent=sent, raw_bytes=raw.bytes_out + raw.bytes_back)
+    out = dict(times=times, sent=sent, raw_bytes=raw.bytes_out + raw.bytes_back,
+               cpu={k: statistics.median(v) for k, v in cpu.items()})
     if cfg["profile"]:  # every rank makes the calls; rank 0 reports
         profile = _profile(lambda: both(first), max(3, cfg["iters"] // 2))
         if rank == 0:
@@ -241,13 +248,18 @@ def _summarise(per_rank: list, config: dict) -> dict:
         def ms(name, runs=runs):
             return statistics.median(max(v) for v in zip(*[r["times"][name] for r in runs])) * 1e3
 
+        def cpu_ms(name, runs=runs):
+            return statistics.mean(r["cpu"][name] for r in runs) * 1e3
+
         row = {"raw_ms": ms("raw"), "raw_dispatch_ms": ms("raw_dispatch"),
-               "raw_combine_ms": ms("raw_combine"), "raw_bytes": max(r["raw_bytes"] for r in runs)}
+               "raw_combine_ms": ms("raw_combine"), "raw_cpu_ms": cpu_ms("raw"),
+               "raw_bytes": max(r["raw_bytes"] for r in runs)}
         for c in config["channels"]:
             ll_bytes = max(r["sent"][f"ll_dispatch_c{c}"] + r["sent"][f"ll_combine_c{c}"] for r in runs)
             row[f"c{c}"] = {"ll_ms": ms(f"ll_c{c}"), "dispatch_ms": ms(f"ll_dispatch_c{c}"),
                             "combine_ms": ms(f"ll_combine_c{c}"), "ratio": ms(f"ll_c{c}") / row["raw_ms"],
-                            "ll_bytes": ll_bytes, "bytes_ratio": ll_bytes / max(1, row["raw_bytes"])}
+                            "ll_cpu_ms": cpu_ms(f"ll_c{c}"), "ll_bytes": ll_bytes,
+                            "bytes_ratio": ll_bytes / max(1, row["raw_bytes"])}
         if config["normal"]:
             row["normal_ms"] = ms("normal")
         if "profile" in runs[0]:
@@ -265,13 +277,14 @@ def format_table(summary: dict) -> str:
              f"top-{c['num_topk']} of {c['num_experts']} experts, {mode} dispatch + BF16 weighted combine, "
              f"capacity = tokens/rank, median of {c['iters']} iterations (slowest rank)",
              f"{'tokens/rank':>11} {'ch':>3} {'LL disp+comb ms':>16} {'raw both ways ms':>17} {'ratio':>7} "
-             f"{'LL dispatch':>12} {'LL combine':>11} {'bytes LL/min':>13}" + normal,
-             "-" * (96 + len(normal))]
+             f"{'LL dispatch':>12} {'LL combine':>11} {'bytes LL/min':>13} {'CPU ms LL / raw':>16}" + normal,
+             "-" * (113 + len(normal))]
     for tokens, row in summary["results"].items():
         for ch in c["channels"]:
             v = row[f"c{ch}"]
             line = (f"{tokens:>11} {ch:>3} {v['ll_ms']:>16.2f} {row['raw_ms']:>17.2f} {v['ratio']:>6.2f}x "
-                    f"{v['dispatch_ms']:>12.2f} {v['combine_ms']:>11.2f} {v['bytes_ratio']:>13.2f}")
+                    f"{v['dispatch_ms']:>12.2f} {v['combine_ms']:>11.2f} {v['bytes_ratio']:>13.2f} "
+                    f"{v['ll_cpu_ms']:>8.2f} / {row['raw_cpu_ms']:<5.2f}")
             if c["normal"]:
                 line += f" {row['normal_ms']:>10.2f}"
             lines.append(line)
@@ -285,7 +298,8 @@ def format_table(summary: dict) -> str:
                                                  for row in summary["results"].values()))
     lines.append("ratio = LL dispatch+combine / raw all_to_all_single of the minimal bytes each way; bytes "
                  "LL/min: what LL hands the backend for its peers (rows padded to capacity, weights, "
-                 "headers) over the raw exchange's.")
+                 "headers) over the raw exchange's; CPU ms: one rank's process CPU time per call (its "
+                 "Gloo threads included), mean over ranks.")
     return "\n".join(lines)
 
 
