@@ -452,7 +452,10 @@ class Communicator:
     def prepare_low_latency(self) -> None:
         """Give low-latency exchanges process groups of their own (collective: every rank of the
         group calls it, once), so that their checks can ride in the payload (see
-        :meth:`flexep.algorithms.low_latency.LowLatency.use_groups`)."""
+        :meth:`flexep.algorithms.low_latency.LowLatency.use_groups`). Only where the payload is on
+        the host: accelerators keep the control round, and the EP group's communicator."""
+        if self.host_group is not None:
+            return
         ranks = list(range(self.world))
         lanes = {role: [subgroup(self.group, ranks) for _ in range(self.num_channels)]
                  for role in ("frames", "weights")}
