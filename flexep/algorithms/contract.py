@@ -352,12 +352,14 @@ class LLDispatchRequest:
 @dataclass(frozen=True)
 class LLCombineRequest:
     """One low-latency combine: ``x [L, W*Q, H]`` expert outputs in the dispatch's slots,
-    ``topk_weights [T, K] float32``, ``out [T, H]`` written in place."""
+    ``topk_weights [T, K] float32``, ``out [T, H]`` written in place; ``use_logfmt`` sends the
+    partial sums LogFMT-encoded (:mod:`flexep.algorithms.logfmt`, BF16 ``x`` only)."""
 
     x: torch.Tensor
     topk_weights: torch.Tensor
     handle: LowLatencyHandle
     out: torch.Tensor
+    use_logfmt: bool = False
 
 
 class NormalAlgorithm(Protocol):

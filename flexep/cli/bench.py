@@ -387,10 +387,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """``flexep bench`` options (shared by every mode)."""
     d = BenchConfig()
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
-                   help="normal (default) or low-latency (decode batches: 1, 8 and 128 tokens/rank)")
+                   help="normal (default) or low-latency (decode: 1, 8 and 128 tokens/rank by default, "
+                   "each next to one raw all_to_all each way)")
     p.add_argument("--api", choices=("v1", "v2"), default="v1",
                    help="v2: DeepEP V2's EPBuffer (counted, expanded, sync-free) beside V1's Buffer")
-    add_shape_args(p, tokens=d.tokens)
+    add_shape_args(p, tokens=None, tokens_help=f"tokens per rank (default {d.tokens}; low-latency: 1, 8 "
+                   "and 128 in one run)")
     add_run_args(p, iters=d.iters)
     g = p.add_argument_group("topology and channels")
     g.add_argument("--ranks-per-node", type=int, default=None,
@@ -404,6 +406,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    a.tokens = a.tokens or BenchConfig.tokens
     if a.quick:
         a.tokens, a.hidden, a.iters, a.warmup = min(a.tokens, 256), min(a.hidden, 2048), 2, 1
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,

@@ -185,10 +185,12 @@ class ControlPlane:
         table = table.cpu()  # the call's one host read (free when the rows were on the host)
         header = Header(fields=table[:, :_F], counts=table[:, _F:_F + world],
                         extra=table[:, _F + world:_F + width], per_dest=table[:, _F + width:])
-        self._verdict(op, header, error, check, explain)
+        self.verdict(op, header, error, check, explain)
         return header
 
-    def _verdict(self, op: str, h: Header, error, check: bool, explain) -> None:
+    def verdict(self, op: str, h: Header, error, check: bool, explain) -> None:
+        """Raise as a round of ``op`` with table ``h`` would (every rank reaches the same verdict
+        from the same table); used directly by checks that travel in the payload."""
         tp = self.tp
         kw = dict(op=op, phase="header", seq=tp.seq)
         bad_magic = [r for r, m in enumerate(h.field("magic")) if m != MAGIC]

@@ -279,6 +279,11 @@ def check_ll_combine(req) -> None:
     if tuple(req.x.shape) != shape:
         raise ValueError(f"x must be {list(shape)} (the dispatch's [L, W*Q, H]), got {list(req.x.shape)}")
     check_topk_weights(req.topk_weights, h.topk_idx)
+    if req.use_logfmt and req.x.dtype != torch.bfloat16:
+        raise TypeError(f"x must be bfloat16 with use_logfmt=True (LogFMT encodes BF16), got "
+                        f"{str(req.x.dtype).replace('torch.', '')}")
+    if req.use_logfmt and h.hidden % 128:
+        raise ValueError(f"use_logfmt=True needs hidden to be a multiple of 128, got {h.hidden}")
     check_tensor("out", req.out, dim=2, dtypes=(req.x.dtype,), rows=h.num_tokens, device=req.x.device)
     if req.out.size(1) != h.hidden:
         raise ValueError(f"out must be [{h.num_tokens}, {h.hidden}], got {list(req.out.shape)}")

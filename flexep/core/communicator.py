@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..algorithms import logfmt
 from ..algorithms.contract import (
     CachedDispatchRequest,
     Combined,
@@ -47,7 +48,8 @@ from ..algorithms.contract import (
 )
 from ..algorithms.flat import Flat
 from ..algorithms.hierarchical import Hierarchical
-from ..algorithms.low_latency import LowLatency, WireRow
+from ..algorithms.ll_shrink import ShrinkLink
+from ..algorithms.low_latency import LowLatency, WeightsRow, WireRow
 from ..algorithms.slot_combine import SlotCombine
 from ..algorithms.sync_free import SyncFree, wire_row_bytes_sync_free
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
@@ -59,6 +61,7 @@ from ..device import group_carries
 from ..errors import CapacityError
 from ..layout import DispatchLayout, aligned_expert_counts, compute_layout
 from . import checks as C
+from . import ll_agreement
 
 __all__ = ["Options", "Communicator"]
 
@@ -183,6 +186,7 @@ class Communicator:
         # (their width grows, agreed, on the first dispatch with more local experts).
         control.extra_width, control.per_dest_width = self.normal.extra_width, 0
         self.control = control
+        self.in_band = ll_agreement.InBand(control)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -460,13 +464,23 @@ class Communicator:
         receives). Never reads the device on the host (with the default ``validate``)."""
         self._begin("ll_dispatch")
         req, error = self._build(request, self.check_ll_dispatch)
-        mode = 0
-        if req is not None:
-            mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
-        self._agreement("ll_dispatch", error, lambda: dict(
-            hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
-            num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0)))
-        pending, handle = self.low_latency.dispatch(req)
+        values = (lambda: _ll_dispatch_values(req))
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending, handle = self.low_latency.dispatch(req)
+        elif self._ll_in_band:
+            frame = None
+            if req is not None:
+                row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8,
+                                 req.use_ue8m0, header=True)
+                frame = (req.capacity, row.nbytes, row.header_offset)
+            pending, handle = self.in_band.call(
+                self, "ll_dispatch", error, values, frame,
+                lambda h, v: self.low_latency.dispatch(req, header=h, verify=v))
+        else:
+            self._agreement("ll_dispatch", error, values)
+            pending, handle = self.low_latency.dispatch(req)
         row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8, req.use_ue8m0).nbytes
         self._set_ll_minimum(req.topk_idx, req.num_experts, row)
         return pending, handle
@@ -481,13 +495,64 @@ class Communicator:
         """Launch a fixed-capacity weighted combine; returns the pending half."""
         self._begin("ll_combine")
         req, error = self._build(request, self.check_ll_combine)
-        self._agreement("ll_combine", error, lambda: dict(
-            hidden=req.handle.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=req.handle.num_experts,
-            num_topk=req.topk_weights.size(1), capacity=req.handle.num_max_dispatch_tokens_per_rank,
-            num_tokens=req.handle.num_tokens))
-        pending = self.low_latency.combine(req)
-        self._set_ll_combine_minimum(req.handle, req.handle.hidden * req.x.element_size())
+        values = (lambda: _ll_combine_values(req))
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        elif self._ll_in_band:
+            frame = None
+            if req is not None:
+                wrow = WeightsRow(req.topk_weights.size(1), header=True)
+                frame = (req.handle.num_max_dispatch_tokens_per_rank, wrow.nbytes, wrow.header_offset)
+            pending = self.in_band.call(self, "ll_combine", error, values, frame, lambda h, v:
+                                        self.low_latency.combine(req, header=h, verify=v,
+                                                                 use_logfmt=req.use_logfmt))
+        else:
+            self._agreement("ll_combine", error, values)
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        hidden = req.handle.hidden
+        row = logfmt.row_bytes(hidden) if req.use_logfmt else hidden * req.x.element_size()
+        self._set_ll_combine_minimum(req.handle, row)
         return pending
+
+    @property
+    def shrink(self) -> bool:
+        """Shrink mode: low-latency calls mask silent peers (:mod:`flexep.algorithms.ll_shrink`)."""
+        return self.low_latency.link is not None
+
+    def enable_shrink(self) -> None:
+        """Route low-latency exchanges point to point through the store, with a peer mask.
+
+        Local errors are then raised on the calling rank only (no collective checks): a peer
+        that does not take part is masked by the others after ``timeout`` seconds.
+        """
+        self.low_latency.link = ShrinkLink(self.uid, self.transport)
+
+    def shrink_barrier(self) -> None:
+        """DeepEP's shrink barrier: every unmasked peer, the silent ones masked."""
+        self._begin("ll_clean")
+        self.low_latency.link.barrier()
+
+    def prepare_low_latency(self) -> None:
+        """Give low-latency exchanges process groups of their own (collective: every rank of the
+        group calls it, once), so that their checks can ride in the payload (see
+        :meth:`flexep.algorithms.low_latency.LowLatency.use_groups`). Only where the payload is on
+        the host: accelerators keep the control round, and the EP group's communicator."""
+        if self.host_group is not None:
+            return
+        ranks = list(range(self.world))
+        lanes = {role: [subgroup(self.group, ranks) for _ in range(self.num_channels)]
+                 for role in ("frames", "weights")}
+        for role, groups in lanes.items():
+            self.transport.channels["ll_" + role] = groups[1:]
+        self.low_latency.use_groups({role: groups[0] for role, groups in lanes.items()})
+
+    @property
+    def _ll_in_band(self) -> bool:
+        """Low-latency checks ride in the payload: checks on, the payload on the host, and the
+        exchanges on groups of their own (:meth:`prepare_low_latency`)."""
+        return self.check_consistency and self.host_group is None and self.low_latency.groups is not None
 
     def check_ll_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle):
@@ -529,6 +594,19 @@ def _per_peer(topo: Topology, rank: int, rows: torch.Tensor, row_bytes: int) -> 
     for peer, n in enumerate(rows.tolist()):
         out[topo.link_class(rank, peer)] += int(n) * row_bytes
     return out
+
+
+def _ll_dispatch_values(req: LLDispatchRequest) -> dict:
+    mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
+    return dict(hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
+                num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0))
+
+
+def _ll_combine_values(req: LLCombineRequest) -> dict:
+    h = req.handle
+    return dict(hidden=h.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=h.num_experts,
+                num_topk=req.topk_weights.size(1), capacity=h.num_max_dispatch_tokens_per_rank,
+                mode=int(bool(req.use_logfmt)), num_tokens=h.num_tokens)
 
 
 def _agree_dispatch(req: DispatchRequest) -> dict:
