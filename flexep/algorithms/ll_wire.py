@@ -161,10 +161,14 @@ def _cast_fp8_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, round
     num_tokens, hidden = x.shape
     work = alloc("ll_cast", (num_tokens, hidden // 128, 128), torch.float32, x.device)
     work.copy_(x.view(num_tokens, hidden // 128, 128))
-    scale = work.abs().amax(-1).clamp_min_(1e-4).div_(FP8_MAX)
+    amax = work.abs().amax(-1).clamp_min_(1e-4)
     if round_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    work.div_(scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+        work.div_(scale.unsqueeze(-1))
+    else:
+        scale = amax / FP8_MAX
+        work.mul_((FP8_MAX / amax).unsqueeze(-1))
+    work.clamp_(-FP8_MAX, FP8_MAX)
     q.copy_(work.view(num_tokens, hidden))
     scales.copy_(pack_ue8m0(scale) if use_ue8m0 else scale)
 
