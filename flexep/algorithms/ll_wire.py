@@ -138,7 +138,10 @@ def send_index(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, capacit
     num_tokens = topk_idx.size(0)
     local = num_experts // num_ranks
     dev = topk_idx.device
-    owner = torch.where(topk_idx >= 0, torch.div(topk_idx, local, rounding_mode="floor"), num_ranks)
+    # Ids outside [0, E) (only possible unchecked, validate=None on an accelerator) select nothing:
+    # they land in the spare column, like -1, instead of indexing out of bounds on the device.
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    owner = torch.where(valid, torch.div(topk_idx, local, rounding_mode="floor"), num_ranks)
     # Unused slots hit a spare column that is dropped: no mask, no host sync.
     hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=dev)
     hit.scatter_(1, owner, True)
