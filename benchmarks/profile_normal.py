@@ -8,6 +8,11 @@ routing (top-8 of 256 experts) in lockstep; the library's own functions are wrap
 flexep is changed) to time each phase of each call. Phases nest: "control round" includes the
 time its exchange waits for the slowest peer, which on a shared host is mostly the other ranks
 catching up. Figures are medians over iterations, in microseconds, of the slowest rank.
+
+The first rows time the whole round trip (layout, dispatch, combine) three ways in the same
+loop: with the default checks, with ``validate=False`` (no value checks) and with
+``check_consistency=False`` too (no agreement round in combine): their differences are what the
+checks cost.
 """
 
 from __future__ import annotations
@@ -59,15 +64,35 @@ def _wrap(acc: dict) -> None:
         setattr(owner, name, staticmethod(wrapped) if static else wrapped)
 
 
+# What the checks cost: the same calls on Buffers with checks turned off, timed in the same loop.
+CHECKS = (("checks on", {}), ("validate off", dict(validate=False)),
+          ("all checks off", dict(validate=False, check_consistency=False)))
+
+
+def _round_trip(buf, x, topk, w):
+    lay = buf.get_dispatch_layout(topk, 256)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                                              num_tokens_per_expert=lay[2], topk_idx=topk, topk_weights=w)
+    buf.combine(recv_x, handle)
+
+
 def _worker(rank: int, world: int, tokens: int, hidden: int, iters: int) -> dict:
     acc: dict = collections.defaultdict(float)
-    _wrap(acc)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, hidden, generator=gen).bfloat16()
     topk = torch.rand(tokens, 256, generator=gen).topk(8, 1).indices
     w = torch.rand(tokens, 8, generator=gen)
-    buf = flexep.Buffer(dist.group.WORLD)
+    variants = {name: flexep.Buffer(dist.group.WORLD, **kw) for name, kw in CHECKS}
+    buf = variants[CHECKS[0][0]]
     samples: dict = collections.defaultdict(list)
+    for it in range(iters + 3):  # checks first, unwrapped
+        for name, b in variants.items():
+            dist.barrier()
+            start = time.perf_counter()
+            _round_trip(b, x, topk, w)
+            if it >= 3:
+                samples[f"round trip, {name}"].append(time.perf_counter() - start)
+    _wrap(acc)
     for it in range(iters + 3):
         acc.clear()
         dist.barrier()
