@@ -14,8 +14,9 @@ from .layer import (
     deepseek_v3_route,
     expert_parameters,
     grouped_mm,
+    mask_experts,
     replicated_parameters,
 )
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm",
-           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads"]
+           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]

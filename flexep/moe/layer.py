@@ -49,7 +49,7 @@ from ..quant import per_token_cast_back
 from .eplb import Placement
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm",
-           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads"]
+           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,24 @@ def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_gro
     weights = scores.gather(1, topk_idx)
     weights = weights / weights.sum(-1, keepdim=True) * routed_scaling_factor
     return topk_idx, weights
+
+
+def mask_experts(topk_idx: torch.Tensor, topk_weights: torch.Tensor, unavailable: torch.Tensor,
+                 renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the slots routed to ``unavailable: [E] bool`` experts (no live copy after a loss).
+
+    The dropped slots get id ``-1`` and weight 0. With ``renormalize`` the kept weights are scaled
+    so that each token's weights keep their sum (a token whose every expert is gone gets
+    zeros); without it the kept weights are unchanged (DeepEP's mask semantics: the lost experts
+    contribute zero). Example: weights ``[0.5, 0.3, 0.2]``, expert of slot 1 gone -> ``[0.5, 0,
+    0.2]``, renormalised ``[0.7143, 0, 0.2857]``.
+    """
+    gone = unavailable.to(topk_idx.device)[topk_idx.clamp(min=0)] & (topk_idx >= 0)
+    kept = topk_weights.masked_fill(gone, 0.0)
+    if renormalize:
+        total, left = topk_weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+        kept = torch.where(left > 0, kept * (total / torch.where(left > 0, left, 1.0)), 0.0)
+    return topk_idx.masked_fill(gone, -1), kept
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -291,6 +309,19 @@ class MoELayer(torch.nn.Module):
                                              config.hidden, config.intermediate, seed, dtype)
         self.shared = (SwiGLU(config.hidden, config.num_shared_experts * config.intermediate, seed, dtype)
                        if config.num_shared_experts else None)
+        self.unavailable: Optional[torch.Tensor] = None  # [E] bool, see set_unavailable
+        self.renormalize_unavailable = False
+
+    def set_unavailable(self, experts, renormalize: bool = False) -> None:
+        """Route around logical ``experts`` that have no live copy (:func:`mask_experts`);
+        ``None`` or empty restores normal routing. Used by :mod:`flexep.elastic`'s mask
+        policies; routing statistics still count the demand for them."""
+        experts = list(experts or [])
+        self.unavailable = None
+        if experts:
+            self.unavailable = torch.zeros(self.config.num_experts, dtype=torch.bool)
+            self.unavailable[experts] = True
+        self.renormalize_unavailable = bool(renormalize)
 
     # ---- routing ---------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +398,9 @@ class MoELayer(torch.nn.Module):
         topk_idx, topk_weights = self.route(x)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=self.config.num_experts)
+        if self.unavailable is not None:
+            topk_idx, topk_weights = mask_experts(topk_idx, topk_weights, self.unavailable,
+                                                  self.renormalize_unavailable)
         physical = self.placement.to_physical(topk_idx, token_offset=self.buffer.rank)
         if self.buffer.low_latency_mode if low_latency is None else low_latency:
             out = self._routed_low_latency(x, physical, topk_weights)
@@ -415,6 +449,15 @@ class MoELayer(torch.nn.Module):
         # Static shapes (CUDA-graph friendly): every slot is computed, the combine reads only
         # the valid ones.
         y = self.experts.forward_padded(recv_x)
+        if self.slotwise_combine:
+            # One weighted combine per slot with the other slots' weights zero: each token's
+            # result is one product w * y (exact), summed here in slot order like the normal path.
+            outs = []
+            for j in range(topk_weights.size(1)):
+                only = torch.zeros_like(topk_weights)
+                only[:, j] = topk_weights[:, j]
+                outs.append(self.buffer.low_latency_combine(y, topk_idx, only, handle)[0])
+            return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
         out, _event, _hook = self.buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
         return out
 
