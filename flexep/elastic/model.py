@@ -100,6 +100,11 @@ class ElasticMoE:
     # ---- the membership changed -------------------------------------------------------------
     def _adopt(self, gen: Generation) -> None:
         """Rebuild the module on ``gen`` and carry the state over (collective, module doc)."""
+        # Ordinary tensors even when the failure happened under inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            self._rebuild(gen)
+
+    def _rebuild(self, gen: Generation) -> None:
         # A process that rejoined under a new member id starts without state: what it held
         # belongs to a generation it was excluded from.
         old = self.module if self._member == self.ep.member else None
@@ -113,6 +118,8 @@ class ElasticMoE:
         placement = plan_placement(self.load, [h or [] for h in reports],
                                    slots_for(self.num_logical, self.redundant, gen.world))
         new = self._built(gen, placement)
+        if old is not None:
+            new.train(old.training)
         self._replicated(old, new, reports)
         sources = plan_sources(placement, reports)
         slots = placement.physical_to_logical.tolist()
