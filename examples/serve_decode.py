@@ -160,11 +160,13 @@ def _report(args, res: list, reference: list) -> None:
     print(f"held-out loss (normal mode): {r0['loss']:.5f}")
     print(f"decode: {requests} requests x {args.steps} tokens, low-latency mode, median step "
           + ", ".join(f"rank {i} {r['ms']:.2f} ms" for i, r in enumerate(res) if isinstance(r, dict)))
-    print(f"max |low-latency - normal| over all steps: {max(r['worst'] for r in res if isinstance(r, dict)):.2e}")
+    worst = max(r["worst"] for r in res if isinstance(r, dict))
+    print(f"max |low-latency - normal| over all steps: {worst:.2e}")
     if reference:
         for c in r0["changes"]:
+            total = c["agree_s"] + c["form_s"] + c["restore_s"]
             print(f"rank {args.kill_rank} killed at step {args.at_step}: detected after "
-                  f"{c['detected_at'] - r0['kill_time']:.2f} s, recovered in {c['agree_s'] + c['form_s'] + c['restore_s']:.3f} s "
+                  f"{c['detected_at'] - r0['kill_time']:.2f} s, recovered in {total:.3f} s "
                   f"(agree {c['agree_s']:.3f} s, new group {c['form_s']:.3f} s, experts restored "
                   f"{c['restore_s']:.3f} s), EP {args.ranks} -> {c['world']}, policy {args.policy}")
         ref = next(r for r in reference if isinstance(r, dict))["tokens"]

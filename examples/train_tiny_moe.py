@@ -38,8 +38,15 @@ from tiny_moe_model import CONFIG, TinyMoEModel, teacher_batch  # noqa: E402
 
 import flexep  # noqa: E402
 from flexep import checkpoint  # noqa: E402
-from flexep.elastic import ElasticEP, is_failure, latest_step, load_state, save_state  # noqa: E402
-from flexep.elastic import sum_replica_grads, training_placement  # noqa: E402
+from flexep.elastic import (  # noqa: E402
+    ElasticEP,
+    is_failure,
+    latest_step,
+    load_state,
+    save_state,
+    sum_replica_grads,
+    training_placement,
+)
 from flexep.launch import run_local  # noqa: E402
 from flexep.moe import all_reduce_replicated_grads  # noqa: E402
 
