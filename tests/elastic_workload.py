@@ -182,14 +182,19 @@ def serve_worker(rank: int, world: int, spec: dict) -> dict:
                      policy=spec.get("policy", "rerun"), checkpoint=spec.get("checkpoint"))
     ep.on_change(lambda gen: _wake_stopped(ep, spec))
     ep.join(timeout=120)
-    frontend, cache, excluded = Frontend(ep.store), {}, []
+    frontend, cache, excluded, masks = Frontend(ep.store), {}, [], {}
     iteration, left = 0, 1
     while left:
         faults.iteration = iteration
+        if iteration in spec.get("restore_at", ()):
+            moe.restore()
+        moe.policy = spec.get("policy_at", {}).get(iteration, moe.policy)
         try:
             left = ep.run(lambda: decode_iteration(ep, moe, frontend, cache, mode))
-            wait = spec.get("wait_joiners", {}).get(iteration, 0)
-            ep.run(lambda: ep.admit(min_joiners=wait, timeout=60))  # noqa: B023 - called at once
+            masks[iteration] = (sorted(moe.masked), moe.policy)
+            # wait_joiners[i] = n: from iteration i on, n joiners must have been admitted in all.
+            wait = spec.get("wait_joiners", {}).get(iteration, 0) - ep.gen.membership.admitted
+            ep.run(lambda: ep.admit(min_joiners=max(0, wait), timeout=60))  # noqa: B023 - called at once
         except StaleGenerationError as exc:
             excluded.append(str(exc))
             ep.rejoin(timeout=120)
@@ -198,18 +203,21 @@ def serve_worker(rank: int, world: int, spec: dict) -> dict:
     ep.leave()
     keys = {f["member"]: f"test/fault_time/{f['member']}" for f in spec.get("faults", [])}
     return dict(member=ep.member, tokens=frontend.tokens(), generation=ep.generation, world=ep.world,
-                history=[c.__dict__ for c in ep.history], excluded=excluded,
+                history=[c.__dict__ for c in ep.history], excluded=excluded, masks=masks,
                 fault_times={m: float(ep.store.get(k)) for m, k in keys.items() if ep.store.check([k])})
 
 
-def oracle(mode: str) -> torch.Tensor:
+def oracle(mode: str, masks: dict = None) -> torch.Tensor:
     """``[REQUESTS, STEPS, H]`` the fault-free tokens, decoded at EP size 1 in this process
-    (needs an initialised one-rank default group)."""
+    (needs an initialised one-rank default group). ``masks[n] = (experts, policy)``: token n is
+    decoded with those experts unavailable under that policy."""
     layer = layer_for(dist.group.WORLD, mode, initial_placement(1, 0))
     tokens = torch.empty(REQUESTS, STEPS, CFG.hidden)
     x = torch.stack([prompt(i) for i in range(REQUESTS)])
     with torch.no_grad():
         for n in range(STEPS):
+            experts, policy = (masks or {}).get(n, ([], "rerun"))
+            layer.set_unavailable(experts, renormalize=policy == "renormalize")
             x = F.rms_norm(layer(x, low_latency=mode == "ll"), (CFG.hidden,))
             tokens[:, n] = x
     return tokens

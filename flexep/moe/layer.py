@@ -21,12 +21,14 @@ by expert and multiplied segment by segment (``torch._grouped_mm`` where PyTorch
 over segments otherwise). Each expert sees exactly its tokens in global (rank, token) order,
 whatever the EP size, so its matmul shapes and inputs do not depend on how experts are sharded.
 
-Same outputs at every EP size (train on N ranks, serve on M), when each rank holds a contiguous
-shard of the global batch: bit for bit with ``slotwise_combine=True``, to float32 rounding
+Same outputs at every EP size (train on N ranks, serve on M), whichever rank holds a token and
+however the batch is split: bit for bit with ``slotwise_combine=True``, to float32 rounding
 otherwise (DeepEP's combine adds per-rank partial sums, grouped differently at each EP size).
 Bitwise equality also needs pointwise kernels whose result does not depend on the tensor size
-(:func:`_pointwise`) and GEMM rows that do not depend on the row count, which holds for the CPU
-kernels tested here (at least 4 rows per call) but is not promised by every BLAS or GPU library.
+(:func:`_pointwise`) and GEMM rows that do not depend on the row count. CPU BLAS computes a
+single row with a different kernel (gemv), so on CPU every GEMM gets at least ``MIN_ROWS`` rows
+(:func:`_rows`; an expert segment of 1 token is padded with zero rows); with that the CPU
+kernels tested here give equal rows, which is not promised by every BLAS or GPU library.
 
 Shape legend: T tokens on this rank, H hidden, I expert intermediate size, K top-k, E logical
 experts, P physical experts (E plus EPLB replicas), W ranks, L = P / W local experts, M tokens
@@ -113,6 +115,19 @@ def _pointwise(fn, t: torch.Tensor) -> torch.Tensor:
     return fn(flat)[:n].view(t.shape)
 
 
+# Fewest rows a CPU GEMM gets (see the module docstring): BLAS takes another path for one row.
+MIN_ROWS = 4
+
+
+def _rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (a GEMM), run on at least ``MIN_ROWS`` rows on CPU so that
+    each row's bits do not depend on how many rows share the call."""
+    n = x.size(0)
+    if n >= MIN_ROWS or x.device.type != "cpu":
+        return fn(x)
+    return fn(F.pad(x, (0, 0, 0, MIN_ROWS - n)))[:n]
+
+
 def _seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0) -> torch.Tensor:
     """A float32 normal tensor from a generator keyed by (seed, name, index): world-size free."""
     gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{name}:{index}".encode()))
@@ -184,11 +199,31 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     accelerators the loop runs: their grouped GEMMs have dtype and architecture limits that a
     device-neutral reference should not guess.
     """
+    if x.device.type == "cpu":
+        sizes = counts.tolist()
+        if any(0 < n < MIN_ROWS for n in sizes):
+            return _grouped_mm_padded(x, w, sizes)
     strides = (*x.stride()[:-1], *w.stride()[:-1])
     if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.stride(-1) == 1 \
             and w.stride(-1) == 1 and all(s * x.element_size() % 16 == 0 for s in strides):
         return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
     return grouped_mm_loop(x, w, counts)
+
+
+def _grouped_mm_padded(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
+    """:func:`grouped_mm` with every non-empty segment padded to ``MIN_ROWS`` rows (zeros).
+
+    Example (MIN_ROWS 4): sizes ``[1, 0, 5]`` -> rows ``[0, z, z, z, 1, 2, 3, 4, 5]`` (z a zero
+    row); the result keeps positions 0 and 4..8.
+    """
+    pick, keep, offset = [], [], 0
+    for n in sizes:
+        keep += range(len(pick), len(pick) + n)
+        pick += list(range(offset, offset + n)) + [x.size(0)] * (max(n, MIN_ROWS) - n if n else 0)
+        offset += n
+    padded = torch.cat([x, x.new_zeros(1, x.size(1))])[pick]
+    counts = torch.tensor([max(n, MIN_ROWS) if n else 0 for n in sizes], dtype=torch.int64)
+    return grouped_mm(padded, w, counts)[keep]
 
 
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -247,7 +282,7 @@ class SwiGLU(torch.nn.Module):
                                                         seed, "shared.w_down").to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (_pointwise(F.silu, x @ self.w_gate) * (x @ self.w_up)) @ self.w_down
+        return _rows(lambda x: (_pointwise(F.silu, x @ self.w_gate) * (x @ self.w_up)) @ self.w_down, x)
 
 
 class MoELayer(torch.nn.Module):
@@ -329,7 +364,7 @@ class MoELayer(torch.nn.Module):
         c = self.config
         # The gate runs in float32 whatever the model dtype: routing decisions are discrete, and
         # bf16 logits would flip near-ties.
-        logits = F.linear(x.float(), self.gate_weight.float())
+        logits = _rows(lambda x: F.linear(x, self.gate_weight.float()), x.float())
         return deepseek_v3_route(logits, self.e_score_correction_bias, c.topk, c.n_group, c.topk_group,
                                  c.routed_scaling_factor)
 
