@@ -22,6 +22,7 @@ import io
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -104,15 +105,19 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence, resu
     # A worker that exits while its queue feeder still holds data loses it: flush first.
     results.close()
     results.join_thread()
+    # After a failed exchange Gloo's teardown waits for the abandoned operation until the
+    # group's own timeout (also after a recovery, whose retired groups hold such operations);
+    # the result is already reported, so leave at once.
     if out[0] == "error":
-        # After a failed exchange Gloo's teardown waits for the abandoned operation until the
-        # group's own timeout; the error is already reported, so leave at once.
         os._exit(1)
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - teardown after a failure must not mask it
             pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, timeout: float = 300.0,

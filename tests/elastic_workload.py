@@ -13,7 +13,9 @@ Faults (``spec["faults"]``, each ``dict(member, iteration, phase, nth, action)``
 flexep call at ``phase`` of the ``nth`` occurrence in that iteration: ``kill`` (SIGKILL self),
 ``exit`` (``os._exit``), ``stop`` (SIGSTOP self; the first survivor to form a new group sends
 SIGCONT, so the victim wakes after being excluded, gets ``StaleGenerationError`` and rejoins).
-Phase ``before_recv_hook`` lies between a low-latency dispatch's send and its receive hook.
+Phase ``before_recv_hook`` lies between a low-latency dispatch's send and its receive hook;
+phase ``timer`` fires ``delay`` seconds after the iteration starts, wherever the process is then
+(inside a call, in the agreement, while a new group forms or weights move).
 
 The oracle (:func:`oracle`) is the same decode at EP size 1 in one process: with
 ``slotwise_combine`` every token is bitwise independent of EP size, placement and batch.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -93,6 +96,9 @@ class Frontend:
     def token(self, i: int, n: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.store.get(f"serve/{i}/{n}")), dtype=torch.float32).clone()
 
+    def done(self) -> bool:
+        return all(self.count(i) >= STEPS for i in range(REQUESTS))
+
     def tokens(self) -> torch.Tensor:
         """``[REQUESTS, STEPS, H]`` every generated token (NaN where missing)."""
         out = torch.full((REQUESTS, STEPS, CFG.hidden), float("nan"))
@@ -143,16 +149,25 @@ class Faults:
             if f["iteration"] != self.iteration or f["phase"] != phase:
                 continue
             self.seen[self.iteration, phase] += 1
-            if self.seen[self.iteration, phase] != f.get("nth", 1):
-                continue
-            self.store.set(f"test/fault_time/{self.member}", repr(time.time()))
-            if f["action"] == "exit":
-                os._exit(0)
-            if f["action"] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if f["action"] == "stop":
-                self.store.set(f"test/stopped/{self.member}", str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGSTOP)
+            if self.seen[self.iteration, phase] == f.get("nth", 1):
+                self.act(f["action"])
+
+    def arm(self, iteration: int) -> None:
+        """Start the iteration: set timers for its ``timer`` faults."""
+        self.iteration = iteration
+        for f in self.faults:
+            if f["iteration"] == iteration and f["phase"] == "timer":
+                threading.Timer(f["delay"], self.act, (f["action"],)).start()
+
+    def act(self, action: str) -> None:
+        self.store.set(f"test/fault_time/{self.member}", repr(time.time()))
+        if action == "exit":
+            os._exit(0)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "stop":
+            self.store.set(f"test/stopped/{self.member}", str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _wake_stopped(ep: ElasticEP, spec: dict) -> None:
@@ -181,11 +196,11 @@ def serve_worker(rank: int, world: int, spec: dict) -> dict:
     moe = ElasticMoE(ep, build, initial_placement(world, spec.get("redundant", 0)), load=LOAD,
                      policy=spec.get("policy", "rerun"), checkpoint=spec.get("checkpoint"))
     ep.on_change(lambda gen: _wake_stopped(ep, spec))
-    ep.join(timeout=120)
     frontend, cache, excluded, masks = Frontend(ep.store), {}, [], {}
-    iteration, left = 0, 1
+    left = int(ep.join(timeout=120, cancel=frontend.done))  # 0: finished before it was admitted
+    iteration = 0
     while left:
-        faults.iteration = iteration
+        faults.arm(iteration)
         if iteration in spec.get("restore_at", ()):
             moe.restore()
         moe.policy = spec.get("policy_at", {}).get(iteration, moe.policy)
@@ -197,12 +212,16 @@ def serve_worker(rank: int, world: int, spec: dict) -> dict:
             ep.run(lambda: ep.admit(min_joiners=max(0, wait), timeout=60))  # noqa: B023 - called at once
         except StaleGenerationError as exc:
             excluded.append(str(exc))
-            ep.rejoin(timeout=120)
+            if not ep.rejoin(timeout=120, cancel=frontend.done):
+                break  # the others finished every request without it
             cache.clear()
         iteration += 1
     ep.leave()
     keys = {f["member"]: f"test/fault_time/{f['member']}" for f in spec.get("faults", [])}
+    if not ep.is_member:
+        return dict(member=ep.member, excluded=excluded, is_member=False)
     return dict(member=ep.member, tokens=frontend.tokens(), generation=ep.generation, world=ep.world,
+                is_member=True,
                 history=[c.__dict__ for c in ep.history], excluded=excluded, masks=masks,
                 fault_times={m: float(ep.store.get(k)) for m, k in keys.items() if ep.store.check([k])})
 

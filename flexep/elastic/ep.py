@@ -42,7 +42,7 @@ from ..errors import (
     PeerFailureError,
     StaleGenerationError,
 )
-from .group import Generation, form
+from .group import Generation, form, retire_default_group
 from .membership import Membership, MembershipStore, job_store
 
 __all__ = ["ElasticEP", "Change", "is_failure"]
@@ -133,6 +133,7 @@ class ElasticEP:
         self.history: list[Change] = []
         self._callbacks: list[Callable[[Generation], None]] = []
         self._control: Optional[Communicator] = None
+        self._retired: list = []  # groups of earlier generations, never used, never destructed
         self.gen: Optional[Generation] = None
         self.node = node or os.environ.get("FLEXEP_NODE", "node0")
         if dist.is_initialized():
@@ -228,7 +229,7 @@ class ElasticEP:
     def _form(self, membership: Membership) -> tuple[float, float]:
         start = time.monotonic()
         self._control = None
-        self.gen = form(membership, self.member, self.store, self.timeout, self.backend, self.gen)
+        self.gen = form(membership, self.member, self.store, self.timeout, self.backend, self._retired)
         self.members_store.announce(membership)
         self._control = self._control_communicator()
         formed = time.monotonic()
@@ -242,29 +243,33 @@ class ElasticEP:
                                              generation=g.generation), label="ElasticEP")
 
     # ---- joining and leaving ---------------------------------------------------------------
-    def join(self, timeout: float = 300.0) -> None:
-        """Become a member (a joiner waits up to ``timeout`` s to be admitted; a member returns)."""
+    def join(self, timeout: float = 300.0, cancel: Optional[Callable[[], bool]] = None) -> bool:
+        """Become a member: a joiner waits up to ``timeout`` s to be admitted (``CommTimeoutError``
+        after that), or until ``cancel()`` is true (returns False: not a member); a member
+        returns True at once."""
         if self.gen is not None:
-            return
+            return True
         first = self.members_store.record(0)
         if first is None:
             raise RuntimeError("no elastic group is running in this job store (generation 0 is missing)")
         ticket = self.members_store.take_ticket(self.node)
         self.member = first.first_joiner_id + ticket - 1
         start = time.monotonic()
-        membership = self.members_store.wait_admission(ticket, timeout)
+        membership = self.members_store.wait_admission(ticket, timeout, cancel)
+        if membership is None:
+            return False
         admitted = time.monotonic()
         form_s, restore_s = self._advance(membership)
         self.history.append(Change("admission", self.generation, self.world, (), (self.member,), "",
                                    time.time(), 0.0, admitted - start, form_s, restore_s))
+        return True
 
-    def rejoin(self, timeout: float = 300.0) -> None:
-        """After :class:`StaleGenerationError`: drop the old group and join as a new member."""
-        if dist.is_initialized():
-            self.gen.retired.append(dist.group.WORLD)
-            dist.destroy_process_group()
+    def rejoin(self, timeout: float = 300.0, cancel: Optional[Callable[[], bool]] = None) -> bool:
+        """After :class:`StaleGenerationError`: drop the old group and join as a new member
+        (arguments and result as :meth:`join`)."""
+        retire_default_group(self._retired)
         self.gen, self._control = None, None
-        self.join(timeout)
+        return self.join(timeout, cancel)
 
     def admit(self, min_joiners: int = 0, timeout: float = 0.0) -> list[int]:
         """Admit the processes waiting to join (collective over the members).

@@ -9,9 +9,9 @@ failure (§8 #4 of the reliability matrix): only a new group can carry on. Measu
 destroy returns in under 0.05 s even with an exchange abandoned on a dead or frozen peer; the new
 group forms in about 0.1 s.
 
-The old groups are only destroyed, never used: their Python objects are kept alive
-(:class:`Generation` ``retired``) so that no destructor runs while an abandoned exchange still
-waits inside the backend.
+The old groups are only destroyed, never used: their Python objects are kept alive (the
+``retired`` list :func:`form` appends to, held for the life of the process) so that no
+destructor runs while an abandoned exchange still waits inside the backend.
 
 Consequence: under elastic EP the EP group is the process's default group (EP over the whole
 world). Ranks are node-major; the node shape is kept when every node keeps the same number of
@@ -20,15 +20,14 @@ members, otherwise the group becomes one flat node (:func:`ranks_per_node`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch.distributed as dist
 
 from .membership import Membership, MembershipStore
 
-__all__ = ["Generation", "form", "ranks_per_node"]
+__all__ = ["Generation", "form", "ranks_per_node", "retire_default_group"]
 
 
 def ranks_per_node(nodes) -> int:
@@ -48,14 +47,12 @@ class Generation:
         group: the generation's process group (the default group).
         timeout: seconds any wait for a silent peer lasts (Buffers built for this generation
             should use it, see :meth:`buffer_kwargs`).
-        retired: groups of earlier generations, kept alive but never used.
     """
 
     membership: Membership
     member: int
     group: dist.ProcessGroup
     timeout: float
-    retired: list = field(default_factory=list)
 
     @property
     def generation(self) -> int:
@@ -83,21 +80,25 @@ class Generation:
         return dict(ranks_per_node=self.ranks_per_node, generation=self.generation, timeout=self.timeout)
 
 
+def retire_default_group(retired: list) -> None:
+    """Destroy the default group (if any), keeping its object alive in ``retired``."""
+    if dist.is_initialized():
+        retired.append(dist.group.WORLD)
+        dist.destroy_process_group()
+
+
 def form(membership: Membership, member: int, store, timeout: float, backend: str,
-         previous: Optional[Generation] = None) -> Generation:
+         retired: list) -> Generation:
     """Destroy the current default group and create ``membership``'s (collective over its members).
 
     Raises :class:`~flexep.errors.CommTimeoutError` naming the members that did not arrive within
     ``timeout``. The new group's own timeout (the backend's limit for one operation) is
     ``3 * timeout`` so that flexep's deadlines, which name the silent peer, fire first.
     """
-    retired = list(previous.retired) if previous is not None else []
-    if dist.is_initialized():
-        retired.append(dist.group.WORLD)
-        dist.destroy_process_group()
+    retire_default_group(retired)
     g = membership.generation
     MembershipStore(store).rendezvous(membership, member, timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"flexep/elastic/pg/{g}", store),
                             rank=membership.rank_of(member), world_size=membership.world,
                             timeout=timedelta(seconds=3 * timeout))
-    return Generation(membership, member, dist.group.WORLD, timeout, retired)
+    return Generation(membership, member, dist.group.WORLD, timeout)

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -219,11 +219,15 @@ class MembershipStore:
                 if not self.store.check([key]):
                     self.store.set(key, str(decided.generation))
 
-    def wait_admission(self, ticket: int, timeout: float) -> Membership:
-        """Block until ticket ``ticket`` is admitted; its generation's membership."""
+    def wait_admission(self, ticket: int, timeout: float,
+                       cancel: Optional[Callable[[], bool]] = None) -> Optional[Membership]:
+        """Block until ticket ``ticket`` is admitted; its generation's membership (None when
+        ``cancel()`` became true first, e.g. the job has finished its work)."""
         key = self._key("join", "admitted", ticket)
         deadline = time.monotonic() + timeout
         while not self.store.check([key]):
+            if cancel is not None and cancel():
+                return None
             if time.monotonic() >= deadline:
                 raise CommTimeoutError(f"join ticket {ticket} was not admitted within {timeout:g} s; the "
                                        "running members admit joiners when they call ElasticEP.admit()",
