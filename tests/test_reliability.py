@@ -381,16 +381,18 @@ class _DoneWork:
 
 
 def _corrupting_all_to_all(original, mode: str):
-    """``all_to_all_single`` that alters what this rank received from rank 0 (float data only).
+    """``all_to_all_single`` that alters what this rank received from rank 0 (token rows only:
+    float tensors, or the packed byte rows small exchanges use; control rows have one row per
+    peer and are left alone).
 
-    ``alter`` adds 1 to the first value of the block; ``shift`` rotates the block's rows by one
-    (same bytes, wrong order). Stands in for a faulty transport, like torchft's fake wrapper.
+    ``alter`` adds 1 to the first value (or byte) of the block; ``shift`` rotates the block's rows
+    by one (same bytes, wrong order). Stands in for a faulty transport, like torchft's fake wrapper.
     """
     def wrapper(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                 async_op=False):
         original(output, input, output_split_sizes, input_split_sizes, group=group)
         n0 = output_split_sizes[0] if output_split_sizes else 0
-        if output.is_floating_point() and n0 >= 2:
+        if (output.is_floating_point() or output.dtype == torch.uint8) and n0 >= 2:
             block = output[:n0]
             if mode == "alter":
                 block.view(-1)[0] += 1
