@@ -21,6 +21,11 @@ checkpoint), take over its requests from their last posted token and re-run the 
 Every token is then compared with the fault-free run: with the slot-wise combine they are equal
 bit for bit. ``--policy mask`` / ``renormalize`` serve on with the lost experts masked instead
 (faster recovery, different tokens; see docs/elastic.md).
+
+``--fault stop`` freezes the rank (SIGSTOP) instead: the others time out, exclude it and go on;
+once they have formed the new group they wake it (SIGCONT), it finds itself excluded
+(``StaleGenerationError``), rejoins as a new member and is admitted between two steps. A rank
+that was excluded and is still there when the work is done is killed by the survivors (fenced).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tiny_moe_model import CONFIG, TinyMoEModel, teacher_batch  # noqa: E402
 import flexep  # noqa: E402
 from flexep.elastic import POLICIES, ElasticEP, ElasticMoE  # noqa: E402
 from flexep.eplb import Placement, rank_loads, rebalance  # noqa: E402
+from flexep.errors import StaleGenerationError  # noqa: E402
 from flexep.launch import run_local  # noqa: E402
 
 
@@ -103,6 +109,7 @@ def decode_step(ep: ElasticEP, moe: ElasticMoE, front: Frontend, cache: dict, re
 def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: int, kill: tuple,
           policy: str, timeout: float) -> dict:
     ep = ElasticEP(timeout=timeout)
+    ep.store.set(f"example/pid/{ep.member}", str(os.getpid()))
     load = torch.load(os.path.join(ckpt, "expert_load.pt"))
     physical = CONFIG.num_experts + redundant
     contiguous = Placement.identity(CONFIG.num_experts, world)
@@ -119,6 +126,9 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
                             slotwise_combine=True)
 
     moe = ElasticMoE(ep, build, placement, load=load, checkpoint=ckpt, policy=policy)
+    if kill[2] == "stop":  # the new generation's rank 0 wakes the frozen rank (--fault stop)
+        ep.on_change(lambda gen: gen.rank == 0 and kill[0] not in gen.members
+                     and ep.store.add("example/woken", 1) == 1 and _wake(ep.store, kill[0]))
     ep.join()
     moe.module.eval()
     front, cache, stats = Frontend(ep.store, steps), {}, dict(times=[], worst=0.0)
@@ -130,19 +140,44 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
         dist.all_reduce(loss)
         step, left = 0, 1
         while left:
-            if (ep.member, step) == kill:
+            if (ep.member, step) == kill[:2]:
                 ep.store.set("example/kill_time", repr(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL)
-            left = ep.run(lambda: decode_step(ep, moe, front, cache, requests, stats))
+                os.kill(os.getpid(), signal.SIGSTOP if kill[2] == "stop" else signal.SIGKILL)
+            try:
+                left = ep.run(lambda: decode_step(ep, moe, front, cache, requests, stats))
+                ep.run(ep.admit)  # replacements, or ranks that were excluded and came back
+            except StaleGenerationError:  # this rank was stopped while the others went on
+                if not ep.rejoin(timeout=600, cancel=front.done):
+                    break
             step += 1
     ep.leave()
+    if ep.is_member and ep.rank == 0:
+        _fence(ep, world)
     tokens = front.tokens(requests)
-    return dict(loss=float(loss), ms=1e3 * sorted(stats["times"])[len(stats["times"]) // 2],
+    times = sorted(stats["times"]) or [0.0]
+    return dict(loss=float(loss), ms=1e3 * times[len(times) // 2], member=ep.member,
                 worst=stats["worst"], replicas=placement.replica_counts.tolist(),
                 rank_load=_imbalance(load, placement), contiguous_load=_imbalance(load, contiguous),
                 tokens=tokens, completed=int((~tokens.isnan().any(-1).any(-1)).sum()),
-                changes=[c.__dict__ for c in ep.history],
-                kill_time=float(ep.store.get("example/kill_time")) if kill[0] >= 0 else 0.0)
+                changes=[c.__dict__ for c in ep.history], is_member=ep.is_member,
+                kill_time=float(ep.store.get("example/kill_time")) if ep.store.check(["example/kill_time"])
+                else 0.0)
+
+
+def _wake(store, member: int) -> None:
+    os.kill(int(store.get(f"example/pid/{member}")), signal.SIGCONT)
+
+
+def _fence(ep: ElasticEP, world: int) -> None:
+    """SIGKILL the launch's processes that were excluded and are still there (e.g. stopped for
+    good): the job is done, and a local launcher would otherwise wait for them."""
+    for member in range(world):
+        key = f"example/pid/{member}"
+        if member not in ep.members and ep.store.check([key]):
+            try:
+                os.kill(int(ep.store.get(key)), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _imbalance(load: torch.Tensor, placement: Placement) -> float:
@@ -151,7 +186,8 @@ def _imbalance(load: torch.Tensor, placement: Placement) -> float:
 
 
 def _report(args, res: list, reference: list) -> None:
-    r0 = next(r for r in res if isinstance(r, dict))
+    res = [r for r in res if isinstance(r, dict) and r["is_member"]]
+    r0 = res[0]
     requests = args.batch * args.ranks
     print(f"loaded {args.ckpt} at EP={args.ranks} with {args.redundant} redundant experts; "
           f"replicas per expert {r0['replicas']}")
@@ -159,17 +195,24 @@ def _report(args, res: list, reference: list) -> None:
           f"{r0['rank_load']:.3f} EPLB")
     print(f"held-out loss (normal mode): {r0['loss']:.5f}")
     print(f"decode: {requests} requests x {args.steps} tokens, low-latency mode, median step "
-          + ", ".join(f"rank {i} {r['ms']:.2f} ms" for i, r in enumerate(res) if isinstance(r, dict)))
-    worst = max(r["worst"] for r in res if isinstance(r, dict))
+          + ", ".join(f"rank {r['member']} {r['ms']:.2f} ms" for r in res))
+    worst = max(r["worst"] for r in res)
     print(f"max |low-latency - normal| over all steps: {worst:.2e}")
     if reference:
+        if not r0["changes"]:
+            print(f"rank {args.kill_rank} was not killed: the run ended before step {args.at_step}")
         for c in r0["changes"]:
             total = c["agree_s"] + c["form_s"] + c["restore_s"]
-            print(f"rank {args.kill_rank} killed at step {args.at_step}: detected after "
+            if c["kind"] == "admission":
+                print(f"member(s) {list(c['joined'])} (re)joined: admitted and experts re-balanced in "
+                      f"{total:.3f} s, EP -> {c['world']}")
+                continue
+            what = "frozen" if args.fault == "stop" else "killed"
+            print(f"rank {args.kill_rank} {what} at step {args.at_step}: detected after "
                   f"{c['detected_at'] - r0['kill_time']:.2f} s, recovered in {total:.3f} s "
                   f"(agree {c['agree_s']:.3f} s, new group {c['form_s']:.3f} s, experts restored "
                   f"{c['restore_s']:.3f} s), EP {args.ranks} -> {c['world']}, policy {args.policy}")
-        ref = next(r for r in reference if isinstance(r, dict))["tokens"]
+        ref = reference[0]["tokens"]
         same = (r0["tokens"] == ref).all(-1).sum()
         print(f"requests completed: {r0['completed']}/{requests}; tokens equal to the fault-free run: "
               f"{int(same)}/{requests * args.steps} (bitwise)")
@@ -184,6 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps (tokens per request)")
     parser.add_argument("--kill-rank", type=int, default=None, help="SIGKILL this rank ...")
     parser.add_argument("--at-step", type=int, default=None, help="... at the start of this decode step")
+    parser.add_argument("--fault", default="kill", choices=("kill", "stop"),
+                        help="SIGKILL the rank, or freeze it (SIGSTOP; woken once it is excluded)")
     parser.add_argument("--policy", default="rerun", choices=POLICIES,
                         help="what lost experts become (docs/elastic.md)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a silent rank is lost")
@@ -197,10 +242,14 @@ def main() -> None:
     common = (args.ckpt, args.redundant, args.batch, args.steps)
     reference = []
     if args.kill_rank is not None:
-        reference = run_local(serve, args.ranks, (*common, (-1, -1), args.policy, args.timeout), timeout=300)
-    kill = (args.kill_rank, args.at_step) if args.kill_rank is not None else (-1, -1)
+        reference = run_local(serve, args.ranks, (*common, (-1, -1, ""), args.policy, args.timeout),
+                              timeout=300)
+    kill = (args.kill_rank, args.at_step, args.fault) if args.kill_rank is not None else (-1, -1, "")
+    # allow_failures: a lost rank leaves no result; the survivors' results hold every token.
     res = run_local(serve, args.ranks, (*common, kill, args.policy, args.timeout), timeout=300,
-                    allow_failures=args.kill_rank is not None)
+                    allow_failures=True)
+    if not any(isinstance(r, dict) and r["is_member"] for r in res):
+        raise SystemExit("\n".join(str(r) for r in res))
     _report(args, res, reference)
     print(f"total {time.perf_counter() - start:.1f} s")
 
