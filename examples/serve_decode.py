@@ -52,24 +52,33 @@ from flexep.launch import run_local  # noqa: E402
 
 
 class Frontend:
-    """Tokens generated so far per request, kept in the job store (``serve/<i>/<n>``)."""
+    """Tokens generated so far per request, kept in the job store (``serve/<i>/<n>``). The first
+    write of a token wins and every writer continues from the stored one, so a rank that was
+    excluded but finishes a step late cannot fork a request's stream."""
 
-    def __init__(self, store, steps: int) -> None:
-        self.store, self.steps = store, steps
+    def __init__(self, store, requests: int, steps: int) -> None:
+        self.store, self.requests, self.steps = store, requests, steps
 
-    def post(self, i: int, n: int, token: torch.Tensor) -> None:
-        self.store.set(f"serve/{i}/{n}", bytes(token.contiguous().view(torch.uint8).tolist()))
-        self.store.set(f"serve/{i}/n", str(n + 1))
+    def post(self, i: int, n: int, token: torch.Tensor) -> torch.Tensor:
+        data = bytes(token.contiguous().view(torch.uint8).tolist())
+        return torch.frombuffer(bytearray(self.store.compare_set(f"serve/{i}/{n}", "", data)),
+                                dtype=torch.float32).clone()
 
     def count(self, i: int) -> int:
-        return int(self.store.get(f"serve/{i}/n")) if self.store.check([f"serve/{i}/n"]) else 0
+        n = 0
+        while self.store.check([f"serve/{i}/{n}"]):
+            n += 1
+        return n
 
     def token(self, i: int, n: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.store.get(f"serve/{i}/{n}")), dtype=torch.float32).clone()
 
-    def tokens(self, requests: int) -> torch.Tensor:
-        out = torch.full((requests, self.steps, CONFIG.hidden), float("nan"))
-        for i in range(requests):
+    def done(self) -> bool:
+        return all(self.count(i) >= self.steps for i in range(self.requests))
+
+    def tokens(self) -> torch.Tensor:
+        out = torch.full((self.requests, self.steps, CONFIG.hidden), float("nan"))
+        for i in range(self.requests):
             for n in range(min(self.count(i), self.steps)):
                 out[i, n] = self.token(i, n)
         return out
@@ -101,8 +110,7 @@ def decode_step(ep: ElasticEP, moe: ElasticMoE, front: Frontend, cache: dict, re
     if todo:
         stats["worst"] = max(stats["worst"], float(diff.max()))
     for i, token in zip(todo, F.rms_norm(out, (CONFIG.hidden,))):  # the toy "next token"
-        front.post(i, cache[i][0], token)
-        cache[i] = (cache[i][0] + 1, token)
+        cache[i] = (cache[i][0] + 1, front.post(i, cache[i][0], token))
     return sum(v[0] for v in ep.gather([sum(front.steps - cache[i][0] for i in mine)]))
 
 
@@ -131,7 +139,7 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
                      and ep.store.add("example/woken", 1) == 1 and _wake(ep.store, kill[0]))
     ep.join()
     moe.module.eval()
-    front, cache, stats = Frontend(ep.store, steps), {}, dict(times=[], worst=0.0)
+    front, cache, stats = Frontend(ep.store, requests, steps), {}, dict(times=[], worst=0.0)
     with torch.inference_mode():
         # Held-out loss through the normal (prefill) path on one global batch of 256 tokens, each
         # rank its shard: the training run's level, and the same at every EP size.
@@ -149,11 +157,12 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
             except StaleGenerationError:  # this rank was stopped while the others went on
                 if not ep.rejoin(timeout=600, cancel=front.done):
                     break
+                ep.store.set(f"example/pid/{ep.member}", str(os.getpid()))
             step += 1
     ep.leave()
     if ep.is_member and ep.rank == 0:
         _fence(ep, world)
-    tokens = front.tokens(requests)
+    tokens = front.tokens()
     times = sorted(stats["times"]) or [0.0]
     return dict(loss=float(loss), ms=1e3 * times[len(times) // 2], member=ep.member,
                 worst=stats["worst"], replicas=placement.replica_counts.tolist(),
@@ -171,13 +180,16 @@ def _wake(store, member: int) -> None:
 def _fence(ep: ElasticEP, world: int) -> None:
     """SIGKILL the launch's processes that were excluded and are still there (e.g. stopped for
     good): the job is done, and a local launcher would otherwise wait for them."""
-    for member in range(world):
+    def pid(member: int) -> int:
         key = f"example/pid/{member}"
-        if member not in ep.members and ep.store.check([key]):
-            try:
-                os.kill(int(ep.store.get(key)), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        return int(ep.store.get(key)) if ep.store.check([key]) else -1
+
+    members = {pid(m) for m in ep.members}  # a rank that rejoined is a member under a new id
+    for gone in {pid(m) for m in range(world) if m not in ep.members} - members - {-1}:
+        try:
+            os.kill(gone, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _imbalance(load: torch.Tensor, placement: Placement) -> float:
@@ -187,7 +199,7 @@ def _imbalance(load: torch.Tensor, placement: Placement) -> float:
 
 def _report(args, res: list, reference: list) -> None:
     res = [r for r in res if isinstance(r, dict) and r["is_member"]]
-    r0 = res[0]
+    r0 = max(res, key=lambda r: len(r["changes"]))  # a rank that saw every membership change
     requests = args.batch * args.ranks
     print(f"loaded {args.ckpt} at EP={args.ranks} with {args.redundant} redundant experts; "
           f"replicas per expert {r0['replicas']}")

@@ -80,18 +80,27 @@ def _hook_between_send_and_receive(buf: Buffer, hook) -> None:
 
 
 class Frontend:
-    """Generated tokens per request, in the job store: ``n`` tokens of request i are
-    ``serve/<i>/<0..n-1>``, ``serve/<i>/n`` counts them (written after the token)."""
+    """Generated tokens per request, in the job store: token n of request i is ``serve/<i>/<n>``.
+
+    The first write of a token wins (``compare_set`` on an absent key) and the writer continues
+    from the stored value: a rank that was excluded but finishes a step late (a frozen rank that
+    wakes inside a half-done exchange) can neither overwrite nor fork a request's stream.
+    """
 
     def __init__(self, store) -> None:
         self.store = store
 
-    def post(self, i: int, n: int, token: torch.Tensor) -> None:
-        self.store.set(f"serve/{i}/{n}", bytes(token.contiguous().view(torch.uint8).tolist()))
-        self.store.set(f"serve/{i}/n", str(n + 1))
+    def post(self, i: int, n: int, token: torch.Tensor) -> torch.Tensor:
+        """Offer token n of request i; returns the token the stream holds."""
+        data = bytes(token.contiguous().view(torch.uint8).tolist())
+        stored = self.store.compare_set(f"serve/{i}/{n}", "", data)
+        return torch.frombuffer(bytearray(stored), dtype=torch.float32).clone()
 
     def count(self, i: int) -> int:
-        return int(self.store.get(f"serve/{i}/n")) if self.store.check([f"serve/{i}/n"]) else 0
+        n = 0
+        while self.store.check([f"serve/{i}/{n}"]):
+            n += 1
+        return n
 
     def token(self, i: int, n: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(self.store.get(f"serve/{i}/{n}")), dtype=torch.float32).clone()
@@ -130,8 +139,7 @@ def decode_iteration(ep: ElasticEP, moe: ElasticMoE, frontend: Frontend, cache: 
         y = F.rms_norm(moe(x, low_latency=mode == "ll"), (CFG.hidden,))
     for i, token in zip(todo, y):
         n = state[i][0]
-        frontend.post(i, n, token)
-        cache[i] = (n + 1, token)
+        cache[i] = (n + 1, frontend.post(i, n, token))
     left = sum(STEPS - cache[i][0] for i in state)
     return sum(v[0] for v in ep.gather([left]))
 
