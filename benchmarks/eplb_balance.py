@@ -1,106 +1,160 @@
-"""EPLB on skewed (Zipf) expert loads: the busiest rank's load over the mean, before and after.
+"""EPLB balance: flexep's placements against DeepSeek's ``rebalance_experts`` on a grid of Zipf loads.
 
-Reproduce:  python benchmarks/eplb_balance.py            (table + one JSON line per row)
-            python benchmarks/eplb_balance.py --json     (JSON only)
+Reproduce:  python benchmarks/eplb_balance.py            (tables, then a summary)
+            python benchmarks/eplb_balance.py --json     (one JSON line per case)
+            python benchmarks/eplb_balance.py --seeds 4  (four load draws per case)
 
-Pure computation, a few seconds on a laptop. For each setting, expert popularity follows a Zipf
-law (the expert of popularity rank i has weight 1 / i^s, shuffled over expert ids); 16k tokens
-each draw 8 distinct experts from it. The per-expert counts of that batch are the load statistics
-EPLB sees. "before" is DeepEP's contiguous layout (rank r holds experts [r*E/W, (r+1)*E/W));
-"after" adds P - E redundant replicas with flexep.eplb. Two numbers per placement:
+Pure computation (about a minute on one core, most of it in the float32 baseline). The grid: 256
+experts in 8 groups; Zipf exponent s = 0.5, 1.0, 1.5; (physical slots, ranks) = (288, 32),
+(320, 32), (320, 64) (288 slots do not split over 64 ranks); 1, 4 and 8 nodes; the hierarchical
+and the global policy: 54 cases. The global policy ignores the node count, so its rows repeat
+across nodes. Two load models, each a table:
 
-* stats: max/mean rank load on the statistics batch, each expert's load split evenly over its
-  replicas (what the placement optimises);
-* fresh: a second, independent batch routed with ``Placement.to_physical`` (round-robin replica
-  choice), counting the (token, expert) entries each rank serves.
+* ``expected``: each expert's Zipf popularity (the expert of popularity rank i weighs 1 / i^s,
+  ranks shuffled over expert ids);
+* ``sampled``: the per-expert counts of one batch of 16,384 tokens, each drawing 8 distinct
+  experts with those probabilities (what a serving system observes).
+
+Columns: the busiest rank's load over the mean with no replicas (``none``), with DeepSeek's
+algorithm (``deepseek``, restated in ``deepseek_eplb.py``) and with flexep's
+(``flexep``); their ratio; replicas of one expert sharing a rank (DeepSeek, flexep, and the
+least possible for the replica counts, ``min``: an expert with more replicas than its domain has
+ranks must double up); flexep's planning time. Rank loads are exactly rounded sums
+(``math.fsum``), so equal loads compare equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
 
 import torch
 
-from flexep.eplb import Placement, rank_loads, rebalance
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SETTINGS = [  # (experts, physical slots, ranks, groups, nodes, zipf exponent)
-    (64, 64, 8, 8, 1, 1.0),
-    (64, 80, 8, 8, 1, 1.0),
-    (64, 80, 8, 8, 2, 1.0),
-    (256, 288, 32, 8, 4, 1.0),
-    (256, 288, 32, 8, 4, 1.5),
-    (256, 320, 64, 8, 8, 1.0),
-    (256, 288, 32, 8, 1, 1.0),
-    (256, 320, 64, 8, 1, 1.0),
-]
+from deepseek_eplb import deepseek_rebalance  # noqa: E402
 
+from flexep.moe.eplb import Placement, global_placement, hierarchical_placement  # noqa: E402
 
-def zipf_load(num_experts: int, s: float, seed: int = 0) -> torch.Tensor:
-    load = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** s
-    return load[torch.randperm(num_experts, generator=torch.Generator().manual_seed(seed))]
+NUM_EXPERTS, NUM_GROUPS = 256, 8
+EXPONENTS = (0.5, 1.0, 1.5)
+SHAPES = ((288, 32), (320, 32), (320, 64))  # (physical slots, ranks)
+NODES = (1, 4, 8)
+POLICIES = ("hierarchical", "global")
+LOAD_MODELS = ("expected", "sampled")
 
 
-def sample_topk(load: torch.Tensor, tokens: int, topk: int, seed: int = 1) -> torch.Tensor:
-    """``[tokens, topk]`` distinct experts per token, drawn with probability ~ load."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.multinomial(load.float().expand(tokens, -1), topk, replacement=False, generator=gen)
+def zipf_popularity(num_experts: int, s: float, seed: int) -> torch.Tensor:
+    """``[E] float64``: weight 1 / i^s for popularity rank i, ranks shuffled over expert ids."""
+    weights = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** s
+    return weights[torch.randperm(num_experts, generator=torch.Generator().manual_seed(seed))]
 
 
-def measured_load(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(topk_idx.flatten(), minlength=num_experts).double()
+def sampled_load(popularity: torch.Tensor, seed: int, tokens: int = 16384, topk: int = 8) -> torch.Tensor:
+    """``[E] float64`` counts of a batch whose tokens draw ``topk`` distinct experts each."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    idx = torch.multinomial(popularity.float().expand(tokens, -1), topk, replacement=False, generator=gen)
+    return torch.bincount(idx.flatten(), minlength=popularity.numel()).double()
 
 
-def sampled_imbalance(placement: Placement, topk_idx: torch.Tensor) -> float:
-    physical = placement.to_physical(topk_idx)
-    rank = physical // placement.experts_per_rank
-    per_rank = torch.bincount(rank.flatten(), minlength=placement.num_ranks).double()
-    return float(per_rank.max() / per_rank.mean())
+def case_load(model: str, s: float, seed: int) -> torch.Tensor:
+    popularity = zipf_popularity(NUM_EXPERTS, s, seed)
+    return popularity if model == "expected" else sampled_load(popularity, seed)
 
 
-def imbalance(load: torch.Tensor, placement: Placement) -> float:
-    per_rank = rank_loads(load, placement)
-    return float(per_rank.max() / per_rank.mean())
+def imbalance(load: torch.Tensor, physical_to_logical: list[int], num_ranks: int) -> float:
+    """Busiest rank over the mean, each expert's load split evenly over its replicas."""
+    counts = torch.bincount(torch.tensor(physical_to_logical), minlength=load.numel()).tolist()
+    values = load.tolist()
+    per_slot = [values[e] / counts[e] for e in physical_to_logical]
+    size = len(per_slot) // num_ranks
+    ranks = [math.fsum(sorted(per_slot[r * size:(r + 1) * size])) for r in range(num_ranks)]
+    return max(ranks) / (math.fsum(values) / num_ranks)
 
 
-def run(tokens: int = 16384, topk: int = 8) -> list:
-    rows = []
-    for experts, physical, ranks, groups, nodes, s in SETTINGS:
-        popularity = zipf_load(experts, s)
-        load = measured_load(sample_topk(popularity, tokens, topk, seed=1), experts)
-        fresh = sample_topk(popularity, tokens, topk, seed=2)
-        before = Placement.identity(experts, ranks)
-        start = time.perf_counter()
-        after = rebalance(load, physical, ranks, groups, nodes)
-        ms = (time.perf_counter() - start) * 1e3
-        rows.append(dict(
-            experts=experts, physical=physical, ranks=ranks, nodes=nodes, zipf_s=s,
-            policy="hierarchical" if nodes > 1 and groups % nodes == 0 else "global",
-            stats_before=round(imbalance(load, before), 3),
-            stats_after=round(imbalance(load, after), 3),
-            fresh_before=round(sampled_imbalance(before, fresh), 3),
-            fresh_after=round(sampled_imbalance(after, fresh), 3),
-            max_replicas=int(after.replica_counts.max()), placement_ms=round(ms, 1)))
-    return rows
+def colocated(physical_to_logical: list[int], num_ranks: int) -> int:
+    size = len(physical_to_logical) // num_ranks
+    return sum(size - len(set(physical_to_logical[r * size:(r + 1) * size])) for r in range(num_ranks))
 
 
-def main() -> None:
+def least_colocated(physical_to_logical: list[int], ranks_per_domain: int) -> int:
+    """Replicas beyond one per rank of the expert's domain (node, or all ranks): unavoidable."""
+    counts = torch.bincount(torch.tensor(physical_to_logical)).tolist()
+    return sum(max(0, c - ranks_per_domain) for c in counts)
+
+
+def run_case(model: str, s: float, num_physical: int, num_ranks: int, num_nodes: int, policy: str,
+             seed: int = 0) -> dict:
+    """One grid case: DeepSeek's and flexep's placements of the same load, measured alike."""
+    load = case_load(model, s, seed)
+    hierarchical = policy == "hierarchical"
+    groups, nodes = (NUM_GROUPS, num_nodes) if hierarchical else (1, 1)
+    theirs = deepseek_rebalance(load, num_physical, groups, nodes, num_ranks)
+    start = time.perf_counter()
+    if hierarchical:
+        ours = hierarchical_placement(load, num_physical, num_ranks, groups, nodes)
+    else:
+        ours = global_placement(load, num_physical, num_ranks)
+    ms = (time.perf_counter() - start) * 1e3
+    mine = ours.physical_to_logical.tolist()
+    identity = Placement.identity(NUM_EXPERTS, num_ranks).physical_to_logical.tolist()
+    deepseek, flexep = imbalance(load, theirs, num_ranks), imbalance(load, mine, num_ranks)
+    return dict(load=model, zipf_s=s, physical=num_physical, ranks=num_ranks, nodes=num_nodes,
+                policy=policy, seed=seed, none=imbalance(load, identity, num_ranks), deepseek=deepseek,
+                flexep=flexep, ratio=flexep / deepseek, colocated_deepseek=colocated(theirs, num_ranks),
+                colocated_flexep=colocated(mine, num_ranks),
+                colocated_min=least_colocated(mine, num_ranks // nodes), flexep_ms=ms)
+
+
+def grid() -> list[tuple]:
+    """The 54 (s, physical, ranks, nodes, policy) cases."""
+    return [(s, p, w, n, policy) for s in EXPONENTS for p, w in SHAPES for n in NODES for policy in POLICIES]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'s':>4} {'P':>4} {'W':>3} {'N':>2} {'policy':>12} | {'none':>6} {'deepseek':>8} "
+          f"{'flexep':>7} {'ratio':>6} | {'co-located ds/fx/min':>20} | {'ms':>5}")
+    for r in rows:
+        co = f"{r['colocated_deepseek']}/{r['colocated_flexep']}/{r['colocated_min']}"
+        print(f"{r['zipf_s']:>4} {r['physical']:>4} {r['ranks']:>3} {r['nodes']:>2} {r['policy']:>12} | "
+              f"{r['none']:>6.3f} {r['deepseek']:>8.4f} {r['flexep']:>7.4f} {r['ratio']:>6.4f} | {co:>20} | "
+              f"{r['flexep_ms']:>5.0f}")
+
+
+def summarize(rows: list[dict]) -> dict:
+    worst = max(rows, key=lambda r: r["ratio"])
+    return dict(cases=len(rows), worse_than_deepseek=sum(r["flexep"] > r["deepseek"] for r in rows),
+                better_than_deepseek=sum(r["flexep"] < r["deepseek"] for r in rows),
+                worst_ratio=worst["ratio"], best_ratio=min(r["ratio"] for r in rows),
+                colocated_deepseek=sum(r["colocated_deepseek"] for r in rows),
+                colocated_flexep=sum(r["colocated_flexep"] for r in rows),
+                colocated_min=sum(r["colocated_min"] for r in rows))
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON lines only")
-    args = parser.parse_args()
-    rows = run()
-    if not args.json:
-        print(f"{'E':>4} {'P':>4} {'W':>3} {'N':>2} {'s':>4} {'policy':>12} | {'stats before':>15} "
-              f"{'after':>6} | {'fresh before':>14} {'after':>6} | {'max rep':>7} {'ms':>6}")
+    parser.add_argument("--seeds", type=int, default=1, help="load draws per case (default 1)")
+    args = parser.parse_args(argv)
+    rows = []
+    for model in LOAD_MODELS:
+        part = [run_case(model, *case, seed=seed) for seed in range(args.seeds) for case in grid()]
+        rows += part
+        if not args.json:
+            print(f"\nload model: {model} ({len(part)} cases)")
+            print_table(part)
+    summary = summarize(rows)
+    if args.json:
         for r in rows:
-            print(f"{r['experts']:>4} {r['physical']:>4} {r['ranks']:>3} {r['nodes']:>2} {r['zipf_s']:>4} "
-                  f"{r['policy']:>12} | {r['stats_before']:>15.3f} {r['stats_after']:>6.3f}"
-                  f" | {r['fresh_before']:>14.3f} {r['fresh_after']:>6.3f} | {r['max_replicas']:>7} "
-                  f"{r['placement_ms']:>6.1f}")
-    for r in rows:
-        print(json.dumps(r))
+            print(json.dumps(r))
+    else:
+        print("\nsummary:", json.dumps(summary))
+    return 1 if summary["worse_than_deepseek"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

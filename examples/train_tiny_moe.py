@@ -44,11 +44,10 @@ from flexep.elastic import (  # noqa: E402
     latest_step,
     load_state,
     save_state,
-    sum_replica_grads,
     training_placement,
 )
 from flexep.launch import run_local  # noqa: E402
-from flexep.moe import all_reduce_replicated_grads  # noqa: E402
+from flexep.moe import all_reduce_replicated_grads, sync_replica_grads  # noqa: E402
 
 
 def build(ep: ElasticEP):
@@ -65,7 +64,7 @@ def train_step(model, opt, ep: ElasticEP, step: int, tokens_per_rank: int):
     opt.zero_grad()
     loss.backward()
     all_reduce_replicated_grads(model, ep.group)  # router, shared expert, head
-    sum_replica_grads(model, ep.group)  # expert replicas (only when EP does not divide the experts)
+    sync_replica_grads(model.moe)  # expert replicas (only when EP does not divide the experts)
     opt.step()
     load = model.moe.update_routing_bias()  # aux-loss-free balancing; global tokens per expert
     global_loss = loss.detach().clone()

@@ -1,6 +1,8 @@
 """flexep: expert-parallel MoE token exchange on any torch.distributed backend.
 
-``import flexep as deep_ep`` gives DeepEP's V1 ``Buffer`` API on NCCL, HCCL, XCCL or Gloo;
+``import flexep as deep_ep`` gives DeepEP's APIs on NCCL, HCCL, XCCL or Gloo: V1's ``Buffer``,
+V2.0's ``ElasticBuffer`` and V2.5's ``EPBuffer`` (``docs/deepep-v2.md``; the ``deep_ep`` shim in
+``shims/deep_ep`` makes a caller's unmodified ``import deep_ep`` resolve here);
 :mod:`flexep.core` is the clean core API underneath (frozen requests and results).
 
 Layers (top to bottom): faces (:mod:`flexep.deepep`, :mod:`flexep.autograd`, :mod:`flexep.moe`)
@@ -21,7 +23,22 @@ from .comm.accounting import TrafficStats
 from .comm.topology import Topology
 from .config import Config
 from .core import Communicator, Options
-from .deepep.buffer import Buffer, topk_idx_t
+from .deepep import (
+    Buffer,
+    BufferAllocator,
+    BufferBase,
+    ElasticBuffer,
+    EPBuffer,
+    EPHandle,
+    get_buffer_size_hint,
+    get_logical_domain_size,
+    get_num_allocation_alignment,
+    get_num_rdma_alignment,
+    get_num_tma_alignment,
+    get_physical_domain_size,
+    topk_idx_t,
+)
+from .deepep.comm_api import destroy_all_managed_nccl_comm
 from .errors import (
     BrokenCommunicatorError,
     CapacityError,
@@ -43,4 +60,7 @@ __all__ = [
     "moe", "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
     "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError",
     "StaleGenerationError", "__version__",
+    "ElasticBuffer", "EPBuffer", "EPHandle", "BufferAllocator", "BufferBase", "get_buffer_size_hint",
+    "get_physical_domain_size", "get_logical_domain_size", "get_num_allocation_alignment",
+    "get_num_tma_alignment", "get_num_rdma_alignment", "destroy_all_managed_nccl_comm",
 ]

@@ -21,7 +21,7 @@ when it returns: events are already-completed markers and waiting on them is fre
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -60,26 +60,56 @@ class EventOverlap:
     """DeepEP's ``EventOverlap``: an optional event plus tensors kept alive until it is waited.
 
     ``with event: ...`` runs the body, then makes the current stream wait on the event (if any).
+    DeepEP V2 additions: one hook may run after the first wait (:meth:`register_hook_after_wait`)
+    and :meth:`current_stream_wait` / :meth:`wait` return its result (how V2.5's
+    ``defer_epilogue`` delivers a call's outputs; later waits return None);
+    ``release_handle=True`` drops the event after the wait (``with event(release_handle=True):``).
     """
 
     def __init__(self, event: Optional[EventHandle] = None,
                  extra_tensors: Optional[Tuple[torch.Tensor, ...]] = None) -> None:
         self.event = event
         self.extra_tensors = extra_tensors
+        self.hook_after_wait: Optional[Callable[[], Any]] = None
+        self._release_handle_by_call = False
 
-    def current_stream_wait(self) -> None:
-        """Wait on the event. Raises ``ValueError`` if this overlap holds no event."""
+    def current_stream_wait(self, release_handle: bool = False) -> Any:
+        """Wait on the event, then run the registered hook once and return its result.
+
+        Raises ``ValueError`` if this overlap holds no event.
+        """
         if self.event is None:
-            raise ValueError("this EventOverlap holds no event (the call ran with async_finish=False)")
+            raise ValueError("this EventOverlap holds no event (the call ran with async_finish=False / "
+                             "async_with_compute_stream=False)")
         self.event.current_stream_wait()
         self.extra_tensors = None
+        hook, self.hook_after_wait = self.hook_after_wait, None  # cleared first: runs at most once
+        result = hook() if hook is not None else None
+        if release_handle:
+            self.event = None
+        return result
+
+    def wait(self) -> Any:
+        """DeepEP V2.5's name for :meth:`current_stream_wait`."""
+        return self.current_stream_wait()
+
+    def register_hook_after_wait(self, hook: Callable[[], Any]) -> None:
+        """Run ``hook`` after the first wait (one hook at most)."""
+        if self.hook_after_wait is not None:
+            raise ValueError("this EventOverlap already has a hook after wait")
+        self.hook_after_wait = hook
+
+    def __call__(self, release_handle: bool = False) -> EventOverlap:
+        self._release_handle_by_call = release_handle
+        return self
 
     def __enter__(self) -> EventOverlap:
         return self
 
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
         if self.event is not None:
-            self.event.current_stream_wait()
+            self.current_stream_wait(release_handle=self._release_handle_by_call)
+        self._release_handle_by_call = False
 
 
 def _current_accelerator() -> Optional[torch.device]:

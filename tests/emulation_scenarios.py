@@ -26,7 +26,8 @@ from inputs import make_x, routing, weights
 
 import flexep
 from flexep import checkpoint
-from flexep.moe import MoEConfig, MoELayer
+from flexep.eplb import global_placement
+from flexep.moe import MoEConfig, MoELayer, fetch_rows, plan_fetch, plan_reduce, reduce_rows
 from flexep.quant import per_token_cast_back
 
 TIMEOUT = 20.0  # Buffer(timeout=...): a collective left alone by a failed peer ends this soon
@@ -309,6 +310,40 @@ def moe_forward(rank: int, world: int) -> dict:
         expect_on(dev, y=y)
         out[mode] = (y.cpu(), y_ref)
     return out
+
+
+def weight_rows(rank: int, world: int) -> tuple:
+    """Rank's rows ``[4, 3]`` (ids ``10 * rank + j``), a fetch and a reduce asking the next rank."""
+    rows = torch.arange(12.0).view(4, 3) + 100 * rank
+    peer = (rank + 1) % world
+    fetch = ([10 * rank + j for j in range(4)], [10 * peer + 1, 10 * rank + 2, 10 * peer + 1],
+             [peer, rank, peer])
+    reduce = ([10 * peer, 10 * peer, 10 * rank + 3], [peer, peer, rank], torch.full((3, 3), rank + 1.0))
+    return rows, fetch, reduce
+
+
+def weights_and_rebalance(rank: int, world: int) -> dict:
+    """fetch/reduce of device rows and a layer's placement change, without reading the device."""
+    dev = device()
+    comm = flexep.Buffer(ep_group(world), timeout=TIMEOUT).comm
+    rows, (ids, want, owners), (contrib_ids, c_owners, contrib) = weight_rows(rank, world)
+    rows, contrib = rows.to(dev), contrib.to(dev)
+    with em.host_reads(forbid=True):
+        fetched = fetch_rows(comm, rows, plan_fetch(comm, ids, want, owners))
+        reduced = reduce_rows(comm, rows, contrib, plan_reduce(comm, ids, contrib_ids, c_owners))
+    expect_on(dev, fetched=fetched, reduced=reduced)
+    layer = MoELayer(MOE, flexep.Buffer(ep_group(world), timeout=TIMEOUT), seed=7,
+                     slotwise_combine=True).to(dev)
+    x = _moe_tokens(rank).to(dev)
+    placement = global_placement(torch.tensor([30.0, 1, 2, 9, 1, 1, 12, 1]), 12, world)
+    with torch.no_grad():
+        before = layer(x)
+        with em.host_reads(forbid=True):
+            moved = layer.apply_placement(placement)
+        after = layer(x)
+    expect_on(dev, **dict(layer.named_parameters()), **dict(layer.named_buffers()))
+    return cpu(dict(fetched=fetched, reduced=reduced, before=before, after=after, moved=moved.rows,
+                    ids=layer.experts.logical_ids))
 
 
 def checkpoint_round_trip(rank: int, world: int, root: str) -> dict:

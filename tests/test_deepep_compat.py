@@ -374,9 +374,30 @@ def tuning_calls(buffer, num_ranks, internode, layout, nvl_buffer_size, rdma_buf
 
 
 # ---- test_low_latency.py --------------------------------------------------------------------
+def simulate_failure_and_skip(rank: int, api: str, expected_masked_ranks: set) -> bool:
+    """DeepEP's shrink-test failure script: rank 1 fails on its first dispatch, 3 on its first
+    combine, 5 on its first clean (it stops calling the low-latency API from then on)."""
+    failed_api_ranks = {'dispatch': 1, 'combine': 3, 'clean': 5}
+    if rank in expected_masked_ranks:
+        return True
+    if api in failed_api_ranks.keys():
+        expected_masked_ranks.add(failed_api_ranks[api])
+        if failed_api_ranks[api] == rank:
+            print(f"Rank {rank} failed when first calling {api} communication API, exit...", flush=True)
+            return True
+    return False
+
+
+def query_mask_buffer_and_check(api: str, buffer, mask_status: torch.Tensor,
+                                expected_masked_ranks: set) -> None:
+    buffer.low_latency_query_mask_buffer(mask_status)
+    assert set(mask_status.nonzero().squeeze(-1).tolist()) == expected_masked_ranks
+
+
 def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks, group, buffer,
-                     seed: int = 0):
-    """DeepEP's ``test_low_latency.test_main`` (no LogFMT, no shrink); returns (cases, hash)."""
+                     use_logfmt: bool = False, shrink_test: bool = False, seed: int = 0):
+    """DeepEP's ``test_low_latency.test_main``, ``--use-logfmt`` and ``--shrink-test`` included;
+    returns (cases, hash)."""
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
 
@@ -391,6 +412,9 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
     x = torch.ones((num_tokens, hidden), dtype=torch.bfloat16) * (rank - rank_offset)
     x[:, -128:] = torch.arange(num_tokens).to(torch.bfloat16).view(-1, 1)
     x_list = [x]
+    for _ in range(4 if use_logfmt else 0):
+        # NOTES: make more LogFMT casts and also with some BF16
+        x_list.append(torch.randn((num_tokens, hidden), dtype=torch.bfloat16) * 0.5 * random.random())
     # NOTES: the last one is for performance testing
     x_list.append(torch.randn((num_tokens, hidden), dtype=torch.bfloat16) * 0.1)
 
@@ -406,7 +430,9 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
     all_topk_idx = torch.empty((num_ranks, num_tokens, num_topk), dtype=topk_idx.dtype)
     # Gloo's all-gather needs the flat [W*T, K] output view (NCCL also takes DeepEP's [W, T, K])
     dist.all_gather_into_tensor(all_topk_idx.view(-1, num_topk), topk_idx, group=group)
+    # For failure simulation and shrink testing
     mask_status = torch.zeros((num_ranks, ), dtype=torch.int)
+    expected_masked_ranks = set()
 
     hash_value, num_times, num_cases = 0, 0, 0
     for current_x in x_list:
@@ -414,6 +440,8 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
             for dispatch_use_fp8 in (False, True):
                 for round_scale in (False, True) if dispatch_use_fp8 else (False, ):
                     for use_ue8m0 in (False, True) if round_scale else (False, ):
+                        if shrink_test and simulate_failure_and_skip(rank, "dispatch", expected_masked_ranks):
+                            break
                         num_times += 1
                         # Sometimes dispatch twice in a row (DeepEP: buffer toggling)
                         for _ in range((num_times % 2) + 1):
@@ -425,6 +453,9 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
                                 cumulative_local_expert_recv_stats=stats, async_finish=not return_recv_hook,
                                 return_recv_hook=return_recv_hook)
                             hook() if return_recv_hook else event.current_stream_wait()
+                        if shrink_test:
+                            query_mask_buffer_and_check("dispatch", buffer, mask_status,
+                                                        expected_masked_ranks)
                         # Return types (DeepEP's API contract): 5-tuple handle, int32 counts and
                         # source info, int64 layout ranges, scales column-major in the last two dims
                         num_slots = num_ranks * num_tokens
@@ -485,6 +516,8 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
                                     assert (recv_x[:, -128:] -
                                             recv_src_info.view(-1, 1) % num_tokens).sum().item() == 0
                                 for j in range(num_ranks):
+                                    if shrink_test and mask_status[j]:
+                                        continue
                                     begin_idx = (recv_layout_range[j] >> 32).item()
                                     count = (recv_layout_range[j] & int_mask).item()
                                     if not round_scale:
@@ -499,15 +532,29 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
                                 hash_value ^= hash_tensor(packed_recv_x[i, :num_valid_tokens])
 
                         # Check combine correctness: weighted sum of the returned tokens
-                        for zero_copy in (False, True):
+                        if shrink_test and simulate_failure_and_skip(rank, "combine", expected_masked_ranks):
+                            break
+                        for zero_copy in (False, ) if use_logfmt else (False, True):
                             if zero_copy:
                                 buffer.get_next_low_latency_combine_buffer(handle)[:, :, :] = simulated_gemm_x
                             out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16)
                             combined_x, event, hook = buffer.low_latency_combine(
-                                simulated_gemm_x, topk_idx, topk_weights, handle, use_logfmt=False,
+                                simulated_gemm_x, topk_idx, topk_weights, handle, use_logfmt=use_logfmt,
                                 async_finish=not return_recv_hook, zero_copy=zero_copy,
                                 return_recv_hook=return_recv_hook, out=out)
                             hook() if return_recv_hook else event.current_stream_wait()
+                            if shrink_test:
+                                query_mask_buffer_and_check("combine", buffer, mask_status,
+                                                            expected_masked_ranks)
+                                # Experts of masked ranks contribute nothing (DeepEP: in place, so
+                                # later dispatches route nothing to them either)
+                                owner_by_expert = torch.arange(num_experts) // num_local_experts
+                                fail_owner_mask = (mask_status == 1).index_select(0, owner_by_expert)
+                                valid_topk_idx = topk_idx >= 0
+                                failed_topk_idx = torch.zeros_like(topk_idx, dtype=torch.bool)
+                                failed_topk_idx[valid_topk_idx] = fail_owner_mask.index_select(
+                                    0, topk_idx[valid_topk_idx])
+                                topk_idx[failed_topk_idx] = -1
                             assert combined_x.data_ptr() == out.data_ptr()
                             weight_sum = topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1)
                             diff = calc_diff(current_x * weight_sum, combined_x)
@@ -517,6 +564,16 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
                                     f'Error: {diff=}, {dispatch_use_fp8=}, {zero_copy=}'
                             hash_value ^= hash_tensor(combined_x)
                             num_cases += 1
+
+                        # Clean buffer API
+                        if shrink_test:
+                            if simulate_failure_and_skip(rank, "clean", expected_masked_ranks):
+                                break
+                            buffer.clean_low_latency_buffer(num_tokens, hidden, num_experts)
+                            query_mask_buffer_and_check("clean", buffer, mask_status, expected_masked_ranks)
+
+    if shrink_test:
+        return num_cases, hash_value
 
     # The benchmark's call pattern (test_func): FP8 dispatch, async_finish=False, with and
     # without a receive hook run after some compute, and combine without `out`
@@ -535,7 +592,7 @@ def low_latency_main(num_tokens, hidden, num_experts, num_topk, rank, num_ranks,
             large_gemm_with_hook(hook) if return_recv_hook else None
             assert (hook is not None) == return_recv_hook
             combined_x, event, hook = buffer.low_latency_combine(
-                simulated_gemm_x, topk_idx, topk_weights, handle, use_logfmt=False,
+                simulated_gemm_x, topk_idx, topk_weights, handle, use_logfmt=use_logfmt,
                 return_recv_hook=return_recv_hook)
             large_gemm_with_hook(hook) if return_recv_hook else None
             assert combined_x.shape == (num_tokens, hidden) and combined_x.dtype == torch.bfloat16

@@ -24,6 +24,7 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     assert set(report["gbps"]) >= {"device copy (read + write)", "row gather (dispatch staging)"}
 
 
+@pytest.mark.slow
 def test_device_check_without_an_accelerator_says_so():
     env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh")], capture_output=True,

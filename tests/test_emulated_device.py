@@ -253,6 +253,7 @@ WORLD2 = {
     "host_read_counts": (sc.host_read_counts, {}),
     "autograd": (sc.autograd_backward, {}),
     "moe": (sc.moe_forward, {}),
+    "weights": (sc.weights_and_rebalance, {}),
 }
 WORLD4 = {
     "normal_bf16": (sc.normal, dict(name="normal_bf16")),
@@ -496,6 +497,26 @@ def test_moe_layer_forward_matches_the_host_layer(world2):
         for mode in ("normal", "low_latency"):
             y, y_ref = got[r][mode]
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6, msg=f"rank {r}, {mode}")
+
+
+def test_weights_move_on_the_device_without_host_reads(world2):
+    """fetch_rows / reduce_rows and MoELayer.apply_placement under ``host_reads(forbid=True)``
+    on an NCCL-like group (plans travel over the CPU side group)."""
+    got = outcome(world2[1], "weights")
+    world = 2
+    for r in range(world):
+        rows, (_, want, owners), _ = sc.weight_rows(r, world)
+        expected = torch.stack([sc.weight_rows(o, world)[0][i % 10] for i, o in zip(want, owners)])
+        assert torch.equal(got[r]["fetched"], expected)
+        total = rows.clone()
+        for source in range(world):  # own row, then each source's rows in order
+            _, _, (c_ids, c_owners, contrib) = sc.weight_rows(source, world)
+            for i, o, c in zip(c_ids, c_owners, contrib):
+                if o == r:
+                    total[i % 10] += c
+        assert torch.equal(got[r]["reduced"], total)
+        assert torch.equal(got[r]["after"], got[r]["before"]), f"rank {r}: output changed by the move"
+        assert got[r]["moved"] > 0 and got[r]["ids"].numel() == 6
 
 
 def test_checkpoint_save_and_load_on_the_device(world2):

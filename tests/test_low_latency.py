@@ -297,7 +297,7 @@ def _worker(rank: int, world: int) -> str:
         _check_dispatch(rank, world, num_experts, xs, topk, res, fp8=(round_scale, ue8m0))
 
     # Hooks: three dispatches in flight at once, received in reverse order, then a hooked
-    # combine; every result stays valid (fresh tensors, no double-buffer limit).
+    # combine; every result stays valid (buffers are reused only once released).
     stats = torch.zeros(local, dtype=torch.int32)
     rounds = [_inputs(world, num_experts, 10 + i, tokens[i:] + tokens[:i]) for i in range(3)]
     pending = [buf.low_latency_dispatch(r[0][rank], r[1][rank], M, num_experts, use_fp8=i % 2 == 1,
@@ -375,8 +375,8 @@ def _errors(rank, world, num_experts, buf, xs, topk, w):
     with pytest.raises(ValueError, match="use_ue8m0=True requires round_scale=True"):
         buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, use_ue8m0=True)
     res = buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, use_fp8=False)
-    with pytest.raises(ValueError, match="use_logfmt=True .* is not supported"):
-        buf.low_latency_combine(res[0], topk[rank], w[rank], res[2], use_logfmt=True)
+    with pytest.raises(ValueError, match="use_logfmt=True and zero_copy=True are mutually exclusive"):
+        buf.low_latency_combine(res[0], topk[rank], w[rank], res[2], use_logfmt=True, zero_copy=True)
     with pytest.raises(TypeError, match="handle must be the handle returned by Buffer.low_latency_dispatch"):
         buf.low_latency_combine(res[0], topk[rank], w[rank], ("not", "a", "handle"))
     hooked = buf.low_latency_dispatch(xs[rank], topk[rank], M, num_experts, return_recv_hook=True)
@@ -421,8 +421,13 @@ def test_benchmark_runs_and_checks_itself(tmp_path, capsys):
     from flexep.cli.bench_ll import run_low_latency_bench
 
     path = tmp_path / "bench_ll.json"
-    summary = run_low_latency_bench(world_size=2, num_tokens=8, hidden=256, num_topk=4, num_experts=8,
-                                    iters=1, warmup=0, json_path=str(path))
-    assert path.exists() and set(summary["us_per_call"]) >= {"ll_dispatch_fp8", "ll_combine",
-                                                              "normal_combine"}
-    assert "LL dispatch FP8" in capsys.readouterr().out
+    summary = run_low_latency_bench(world_size=2, tokens=(1, 8), hidden=256, num_topk=4, num_experts=8,
+                                    iters=1, warmup=0, channels=(1, 2), normal=True, profile=True,
+                                    json_path=str(path))
+    assert path.exists() and set(summary["results"]) == {"1", "8"}
+    for row in summary["results"].values():
+        assert row["raw_ms"] > 0 and row["c1"]["ratio"] > 0 and row["c2"]["ll_ms"] > 0
+        assert 1.0 <= row["c1"]["bytes_ratio"] < 3.0  # LL pads to capacity; never below the minimum
+        assert row["profile_ms"]["total"] > 0 and row["normal_ms"] > 0
+    out = capsys.readouterr().out
+    assert "raw both ways ms" in out and "where LL dispatch+combine spends its time" in out

@@ -18,7 +18,14 @@ from groups import ep_subgroups
 import flexep
 from flexep.eplb import global_placement
 from flexep.launch import run_local
-from flexep.moe import MoEConfig, MoELayer, all_reduce_replicated_grads, deepseek_v3_route, grouped_mm
+from flexep.moe import (
+    GroupedExperts,
+    MoEConfig,
+    MoELayer,
+    all_reduce_replicated_grads,
+    deepseek_v3_route,
+    grouped_mm,
+)
 from flexep.moe.layer import grouped_mm_loop
 
 CFG = MoEConfig(hidden=16, intermediate=24, num_experts=8, topk=3, n_group=4, topk_group=2,
@@ -91,6 +98,17 @@ def test_grouped_mm_matches_segment_loop(a, b):
     torch.testing.assert_close(grouped_mm_loop(x, w, counts), ref)
 
 
+def test_grouped_experts_rows_do_not_depend_on_their_segment():
+    # A lone row (BLAS's matrix-vector path) must give the bits it gives inside a larger segment.
+    gen = torch.Generator().manual_seed(3)
+    experts = GroupedExperts.seeded(torch.arange(3), 16, 24, seed=1)
+    x = torch.randn(7, 16, generator=gen)
+    together = experts(x, torch.tensor([7, 0, 0]))
+    for i in range(7):
+        alone = experts(torch.cat([x[i:i + 1], x[:3]]), torch.tensor([1, 3, 0]))
+        assert torch.equal(alone[0], together[i]), i
+
+
 # ---- the distributed run ------------------------------------------------------------------------
 def _shard(t: torch.Tensor, group) -> torch.Tensor:
     n = t.size(0) // group.size()
@@ -150,7 +168,10 @@ def _decode_worker(rank: int, world: int, x: torch.Tensor) -> dict:
         layer = MoELayer(CFG, buf, seed=7, num_max_dispatch_tokens_per_rank=8, placement=placement)
         xs = x[rank * 5:(rank + 1) * 5]  # 5 decode tokens per rank, capacity 8
         with torch.no_grad():
-            out[physical] = dict(ll=layer(xs), normal=layer(xs, low_latency=False))
+            ll = layer(xs)
+            served_ll = layer.tokens_per_slot.clone()
+            out[physical] = dict(ll=ll, normal=layer(xs, low_latency=False), served_ll=served_ll,
+                                 served_both=layer.tokens_per_slot.clone())
     # FP8 dispatch: tokens whose values e4m3 holds exactly (|x| in {0, 1, 2, 4}, every
     # 128-block has amax 4), so dequantised tokens equal the inputs and the result is the normal
     # path's up to the scale's float32 rounding; a wrong dequantisation would be far off.
@@ -295,10 +316,20 @@ def test_low_latency_decode_matches_normal_mode(run):
             torch.testing.assert_close(dec[physical]["ll"], dec[physical]["normal"], rtol=1e-6,
                                        atol=1e-6, msg=f"rank {r}, {physical} physical experts")
         torch.testing.assert_close(dec["fp8"]["ll"], dec["fp8"]["normal"], rtol=1e-5, atol=1e-5)
+        for physical in (CFG.num_experts, 12):  # both paths count what each slot served alike
+            assert torch.equal(dec[physical]["served_both"], 2 * dec[physical]["served_ll"])
         bf16 = dec["bf16"]
         assert bf16["ll"].dtype == torch.bfloat16
         torch.testing.assert_close(bf16["ll"], bf16["normal"], rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(bf16["ll"].float(), bf16["fp32"], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.ranks
+def test_slots_serve_every_routed_pair(run):
+    _, _, _, results = run
+    for physical in (CFG.num_experts, 12):
+        served = sum(int(results[r]["decode"][physical]["served_ll"].sum()) for r in range(4))
+        assert served == 4 * 5 * CFG.topk, physical  # 5 decode tokens per rank, top-3
 
 
 @pytest.mark.ranks

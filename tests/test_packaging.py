@@ -17,7 +17,7 @@ import flexep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Distribution name -> import name where they differ.
-IMPORT_NAMES = {"torch-npu": "torch_npu", "pyyaml": "yaml"}
+IMPORT_NAMES = {"torch-npu": "torch_npu", "pyyaml": "yaml", "megatron-core": "megatron"}
 
 
 def _requirements() -> tuple[set, set]:

@@ -326,6 +326,7 @@ def test_leaf_placement():
     assert tor.tolist() == [0] * 16 + [1] * 16
 
 
+@pytest.mark.slow
 def test_more_channels_help_roce_not_infiniband():
     # Hierarchical EP64 on top-of-rack RoCE: rail flows between leaves, one per peer node,
     # collide on spine paths; channels per peer spread them. Adaptive IB never collides.

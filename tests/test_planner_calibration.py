@@ -39,6 +39,7 @@ def calibration(cases):
     return rows
 
 
+@pytest.mark.slow
 def test_calibration_reproduces_deepep_published_tables(calibration):
     assert len(calibration) == len(PUBLISHED) == 8 + 6 + 24 + 16 + 10
     assert {r.published.table for r in calibration} == set(TABLES)
@@ -59,6 +60,7 @@ def test_calibration_reproduces_deepep_published_tables(calibration):
     assert by["v2_normal", 32, 6, "dispatch"].bottleneck.startswith("nic")
 
 
+@pytest.mark.slow
 def test_calibration_table_is_printed(calibration):
     text = format_calibration(calibration)
     assert "v1_normal: fit worst |error|" in text and "(target 15%)" in text and "(target 25%)" in text
@@ -108,6 +110,7 @@ def heldout():
     return rows
 
 
+@pytest.mark.slow
 def test_heldout_report(heldout):
     # Reported, never fitted. What physics alone should carry over is checked loosely:
     # DeepEP's own kernels on other hardware, and NIC-bound phases of DeepEP-derived systems.
@@ -124,6 +127,7 @@ def test_heldout_report(heldout):
     assert max(dispatch) < 0.35
 
 
+@pytest.mark.slow
 def test_cli_heldout(heldout, capsys, monkeypatch):
     import json
 

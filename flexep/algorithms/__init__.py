@@ -6,7 +6,10 @@
 * :class:`~flexep.algorithms.low_latency.LowLatency` — fixed capacity, static shapes, no host read.
 
 Shared pieces: :mod:`~flexep.algorithms.packing` (row plumbing) and
-:mod:`~flexep.algorithms.reduce` (combine's deterministic float32 sum).
+:mod:`~flexep.algorithms.reduce` (combine's deterministic float32 sum). Low-latency pieces:
+:mod:`~flexep.algorithms.ll_wire` (wire rows, slot layout), :mod:`~flexep.algorithms.ll_reduce`
+(the owner's weighted sum), :mod:`~flexep.algorithms.logfmt` (DeepEP's 10-bit combine encoding),
+:mod:`~flexep.algorithms.ll_shrink` (shrink mode).
 """
 
 from .contract import (

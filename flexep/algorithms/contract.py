@@ -15,7 +15,8 @@ Shape legend for the whole package (each letter means one thing):
     N  nodes                                     P  ranks per node, W / N
     M  tokens this rank receives (normal mode)   S  FP8 scale columns per row (H/128, or H/512
     C  DeepEP's handle channel count (num_sms/2)    int32 words with packed UE8M0)
-    Q  capacity, tokens per rank (low-latency ``num_max_dispatch_tokens_per_rank``)
+    Q  capacity, tokens per rank (low-latency ``num_max_dispatch_tokens_per_rank``, DeepEP
+       V2's ``num_max_tokens_per_rank`` in sync-free calls)
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .packing import channel_prefix, position_in_group, recv_channel_prefix
 
 __all__ = ["DispatchRequest", "CachedDispatchRequest", "CombineRequest", "Sends", "Dispatched",
            "Combined", "NormalHandle", "LowLatencyHandle", "LLDispatchRequest", "LLCombineRequest",
-           "NormalAlgorithm", "LowLatencyAlgorithm"]
+           "NormalAlgorithm", "LowLatencyAlgorithm", "SlotOrder", "SyncFreeDispatchRequest",
+           "SyncFreeCachedRequest", "SyncFreeCombineRequest", "SyncFreeHandle", "SyncFreeAlgorithm"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,32 @@ class CachedDispatchRequest:
 
 
 @dataclass(frozen=True)
+class SlotOrder:
+    """DeepEP V2's combine reduction, in top-k slot order (instead of flexep's rank order).
+
+    For source token t with experts ``e_k = topk_idx[t, k]``: the row rank ``r`` returns is that
+    rank's partial sum and counts at the *last* slot whose expert lives on r; with
+    ``ranks_per_node`` the partials of one node are first summed in float32 in that slot order
+    and rounded once (DeepEP's hybrid mode). Then ``acc = sum(bias)`` adds, slot by slot, the
+    value counted there, in float32, rounded once. With ``per_slot`` the rows are ``[K * H']``
+    wide and hold one value per slot (no partial sums: DeepEP without multiple reduction);
+    slot k's value is taken from the rank owning ``e_k``. Returned weights: slot k of the row
+    the owner of ``e_k`` returned (0 for unused slots), never summed.
+
+    Attributes:
+        topk_idx: ``[T, K] int64``, the dispatch's global expert ids (``-1`` unused).
+        num_experts: E.
+        ranks_per_node: P for the node level, 0 for none.
+        per_slot: rows carry one value per slot.
+    """
+
+    topk_idx: torch.Tensor
+    num_experts: int
+    ranks_per_node: int = 0
+    per_slot: bool = False
+
+
+@dataclass(frozen=True)
 class CombineRequest:
     """Return received rows to their sources and sum them per token.
 
@@ -96,12 +124,14 @@ class CombineRequest:
         handle: from the dispatch.
         topk_weights: ``[M', K] float32`` summed the same way, or None.
         bias: tensors ``[T, H']`` of ``x``'s dtype added once per token (0, 1 or 2).
+        slot_order: sum in DeepEP V2's slot order (:class:`SlotOrder`) instead of rank order.
     """
 
     x: torch.Tensor
     handle: NormalHandle
     topk_weights: Optional[torch.Tensor] = None
     bias: tuple = ()
+    slot_order: Optional[SlotOrder] = None
 
     @property
     def device(self) -> torch.device:
@@ -322,12 +352,14 @@ class LLDispatchRequest:
 @dataclass(frozen=True)
 class LLCombineRequest:
     """One low-latency combine: ``x [L, W*Q, H]`` expert outputs in the dispatch's slots,
-    ``topk_weights [T, K] float32``, ``out [T, H]`` written in place."""
+    ``topk_weights [T, K] float32``, ``out [T, H]`` written in place; ``use_logfmt`` sends the
+    partial sums LogFMT-encoded (:mod:`flexep.algorithms.logfmt`, BF16 ``x`` only)."""
 
     x: torch.Tensor
     topk_weights: torch.Tensor
     handle: LowLatencyHandle
     out: torch.Tensor
+    use_logfmt: bool = False
 
 
 class NormalAlgorithm(Protocol):
@@ -372,3 +404,104 @@ class LowLatencyAlgorithm(Protocol):
 
     def combine(self, req: LLCombineRequest) -> object:
         """Launch the combine; returns the pending half that fills ``req.out``."""
+
+
+# ---- sync-free normal mode (DeepEP V2 ``do_cpu_sync=False``) --------------------------------
+@dataclass(frozen=True)
+class SyncFreeDispatchRequest:
+    """A dispatch with static shapes and no host read: outputs have ``W * Q`` rows.
+
+    Attributes:
+        x: ``[T, H]`` float, or FP8 (``uint8``/e4m3) with ``scales`` (``T <= Q``).
+        topk_idx: ``[T, K] int64`` global expert ids (``-1`` unused).
+        num_experts: E.
+        capacity: Q, tokens per rank (equal on every rank).
+        scales: ``[T, S]`` 4-byte scale packs (float32 or int32), or None.
+        topk_weights: ``[T, K] float32``, or None.
+    """
+
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    num_experts: int
+    capacity: int
+    scales: Optional[torch.Tensor] = None
+    topk_weights: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class SyncFreeHandle:
+    """Routing of a sync-free dispatch; every count lives on the device.
+
+    Received rows are grouped by source rank in rank order, source token order inside (rows
+    ``[0, recv_counts.sum())`` valid, the rest padding). Each source s sends a block of
+    ``blocks[s]`` rows to every rank (its tokens in order, unrouted ones as padding).
+
+    Attributes:
+        topk_idx: ``[T, K] int64``, this rank's routing.
+        recv_pos: ``[sum(blocks)] int64``, output row of each staged received row (``W * Q``
+            where that row was not routed here).
+        recv_src_rank, recv_src_idx: ``[W * Q] int32``, source rank and token of each output
+            row (``-1`` in padding).
+        recv_counts: ``[W] int64``, tokens received from each source.
+        expert_counts: ``[L] int64``, (token, slot) pairs received per local expert.
+        blocks: rows per source block (host). capacity: Q. rank, num_experts, owner.
+    """
+
+    topk_idx: torch.Tensor = field(repr=False)
+    recv_pos: torch.Tensor = field(repr=False)
+    recv_src_rank: torch.Tensor = field(repr=False)
+    recv_src_idx: torch.Tensor = field(repr=False)
+    recv_counts: torch.Tensor
+    expert_counts: torch.Tensor
+    blocks: tuple
+    capacity: int
+    rank: int
+    num_experts: int
+    owner: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_idx.size(0)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of every dispatch output: ``W * Q``."""
+        return self.recv_src_idx.size(0)
+
+
+@dataclass(frozen=True)
+class SyncFreeCachedRequest:
+    """Replay ``handle``'s routing for new rows ``x: [T, H]`` (and ``scales``, ``topk_weights``)."""
+
+    x: torch.Tensor
+    handle: SyncFreeHandle
+    scales: Optional[torch.Tensor] = None
+    topk_weights: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class SyncFreeCombineRequest:
+    """Return ``x: [W * Q, H']`` rows (``topk_weights [W * Q, K]``) to their sources and reduce
+    them per :class:`SlotOrder` (plus ``bias``: tensors ``[T, H']``)."""
+
+    x: torch.Tensor
+    handle: SyncFreeHandle
+    slot_order: SlotOrder
+    topk_weights: Optional[torch.Tensor] = None
+    bias: tuple = ()
+
+
+class SyncFreeAlgorithm(Protocol):
+    """Normal mode with static shapes (DeepEP V2 ``do_cpu_sync=False``): no host read, so the
+    call can be captured in a CUDA graph. ``blocks`` (host) are the rows each source sends."""
+
+    name: str
+
+    def dispatch(self, req: SyncFreeDispatchRequest, blocks: Sequence[int]) -> Dispatched:
+        """Outputs of ``W * Q`` rows; ``Dispatched.handle`` is a :class:`SyncFreeHandle`."""
+
+    def cached_dispatch(self, req: SyncFreeCachedRequest) -> Dispatched:
+        """Replay the handle's routing for new rows."""
+
+    def combine(self, req: SyncFreeCombineRequest) -> Combined:
+        """Return rows along the handle's routing and reduce them per the slot order."""

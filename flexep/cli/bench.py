@@ -11,7 +11,9 @@ noise hits all of them alike:
 * raw ``all_to_all_single`` moving exactly the bytes flexep's dispatch and combine sent
   (buffers prepared in advance: the floor for any algorithm on this transport);
 * a naive per-(token, expert) exchange that sends one copy per chosen expert and reduces on
-  return, as Megatron's all-to-all token dispatcher does.
+  return, as Megatron's all-to-all token dispatcher does;
+* with ``--baselines``: torchtitan's and Megatron-Core's dispatchers where installed, and flexep,
+  each driven as its MoE layer drives it (:mod:`flexep.cli.baselines`).
 
 A phase's time is the slowest rank's (the exchange is as slow as its slowest member), the median
 over iterations. Correctness is checked before timing. Under ``torchrun`` the same code runs on
@@ -66,6 +68,7 @@ class BenchConfig:
     channels: tuple = (1,)
     fp8: bool = False
     seed: int = 0
+    baselines: bool = False
 
     def variants(self, multi_node: bool) -> list[tuple[str, bool, int]]:
         """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
@@ -134,6 +137,10 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
             raise RuntimeError(f"bench self-check failed on rank {rank}")
 
     raw = _raw_buffers(cfg, lay[3], rank, world, device)
+    suite = None
+    if cfg.baselines:
+        from .baselines import Suite
+        suite = Suite(main, x, topk_idx, topk_w, cfg.experts, group)
     times: dict = {k: [] for k in ["layout", "raw_dispatch", "raw_combine", "floor_dispatch",
                                    "floor_combine", "naive"]}
     traffic: dict = {}
@@ -158,9 +165,11 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
                                             raw["send_counts"], raw["recv_counts"])
         (_, naive_bytes), sample["naive"] = timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
                                                    rank, world)
+        if suite is not None:  # last: their process-wide settings never overlap flexep's phases
+            sample.update(suite.step())
         if keep:
             for k, v in sample.items():
-                times[k].append(v)
+                times.setdefault(k, []).append(v)
         if rank == 0:
             print(f"[flexep bench] iteration {it + 1}/{cfg.warmup + cfg.iters}"
                   f"{' (warm-up)' if not keep else ''}", file=sys.stderr, flush=True)
@@ -168,7 +177,8 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
     for buf in buffers.values():
         buf.destroy()
     return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, raw_bytes=raw["bytes"],
-                ranks_per_node=topology.ranks_per_node, variants=variants, device=str(device))
+                ranks_per_node=topology.ranks_per_node, variants=variants, device=str(device),
+                baselines=suite.info if suite is not None else None)
 
 
 def _raw_a2a(raw: dict, send: str, out_counts: str, in_counts: str) -> torch.Tensor:
@@ -246,13 +256,17 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
     raw = t["raw_dispatch"] + t["raw_combine"]
     config = dict(asdict(cfg), world=world, ranks_per_node=per_rank[0]["ranks_per_node"],
                   device=per_rank[0]["device"])
-    return dict(config=config, times_s=t, cpu_s=cpu, variants=variants, world=world,
-                raw_bytes_per_rank=max(r["raw_bytes"] for r in per_rank),
-                naive_bytes_per_rank=max(r["naive_bytes"] for r in per_rank),
-                ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"],
-                ratio_vs_floor=ours / (t["floor_dispatch"] + t["floor_combine"]),
-                cpu_ratio_vs_raw=(cpu[f"{main['name']} dispatch"] + cpu[f"{main['name']} combine"])
-                / (cpu["raw_dispatch"] + cpu["raw_combine"]))
+    out = dict(config=config, times_s=t, cpu_s=cpu, variants=variants, world=world,
+               raw_bytes_per_rank=max(r["raw_bytes"] for r in per_rank),
+               naive_bytes_per_rank=max(r["naive_bytes"] for r in per_rank),
+               ratio_vs_raw=ours / raw, ratio_vs_naive=ours / t["naive"],
+               ratio_vs_floor=ours / (t["floor_dispatch"] + t["floor_combine"]),
+               cpu_ratio_vs_raw=(cpu[f"{main['name']} dispatch"] + cpu[f"{main['name']} combine"])
+               / (cpu["raw_dispatch"] + cpu["raw_combine"]))
+    if per_rank[0]["baselines"] is not None:
+        from .baselines.report import summarise
+        out["baselines"] = summarise(per_rank[0]["baselines"], t, cpu, t["layout"] + ours)
+    return out
 
 
 def _ratio(a: int, b: int) -> str:
@@ -294,6 +308,9 @@ def format_table(s: dict) -> str:
     line("  same, into reused buffers (floor)", ["floor_dispatch", "floor_combine"],
          s["raw_bytes_per_rank"])
     line("naive per-(token,expert) a2a", ["naive"], 2 * s["naive_bytes_per_rank"])
+    if "baselines" in s:
+        from .baselines.report import table_rows
+        lines += table_rows(s["baselines"])
     ours = main["dispatch_s"] + main["combine_s"]
     raw = t["raw_dispatch"] + t["raw_combine"]
     floor = t["floor_dispatch"] + t["floor_combine"]
@@ -307,6 +324,9 @@ def format_table(s: dict) -> str:
                  f"{compare(ours, t['naive'], 'a naive per-(token, expert) exchange')} that moves "
                  f"{_ratio(2 * s['naive_bytes_per_rank'] * world, sent)} the bytes; "
                  f"bytes sent {_ratio(sent, low)} the routing's minimum.")
+    if "baselines" in s:
+        from .baselines.report import conclusion
+        lines += conclusion(s["baselines"], t["layout"] + ours)
     flat = [v for v in s["variants"] if not v["hierarchical"]]
     hier = [v for v in s["variants"] if v["hierarchical"]]
     if flat and hier:
@@ -367,8 +387,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """``flexep bench`` options (shared by every mode)."""
     d = BenchConfig()
     p.add_argument("--mode", choices=("normal", "low-latency"), default="normal",
-                   help="normal (default) or low-latency (decode batches: 1, 8 and 128 tokens/rank)")
-    add_shape_args(p, tokens=d.tokens)
+                   help="normal (default) or low-latency (decode: 1, 8 and 128 tokens/rank by default, "
+                   "each next to one raw all_to_all each way)")
+    p.add_argument("--api", choices=("v1", "v2"), default="v1",
+                   help="v2: DeepEP V2's EPBuffer (counted, expanded, sync-free) beside V1's Buffer")
+    add_shape_args(p, tokens=None, tokens_help=f"tokens per rank (default {d.tokens}; low-latency: 1, 8 "
+                   "and 128 in one run)")
     add_run_args(p, iters=d.iters)
     g = p.add_argument_group("topology and channels")
     g.add_argument("--ranks-per-node", type=int, default=None,
@@ -376,22 +400,33 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
     g.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
     p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
+    p.add_argument("--baselines", action="store_true",
+                   help="also time torchtitan's and Megatron-Core's dispatchers where installed, and "
+                        "flexep, each as its MoE layer drives it (docs/benchmarks.md)")
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    a.tokens = a.tokens or BenchConfig.tokens
     if a.quick:
         a.tokens, a.hidden, a.iters, a.warmup = min(a.tokens, 256), min(a.hidden, 2048), 2, 1
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
-                       hierarchical=not a.flat, fp8=a.fp8, seed=a.seed,
+                       hierarchical=not a.flat, fp8=a.fp8, seed=a.seed, baselines=a.baselines,
                        channels=tuple(int(c) for c in str(a.channels).split(",")))
 
 
 def run(a: argparse.Namespace) -> int:
     """Run ``flexep bench`` with parsed options; print on one rank; 0 on success."""
+    if a.baselines and (a.mode == "low-latency" or a.api == "v2"):
+        print("flexep bench: --baselines runs with the V1 normal-mode bench (no --mode low-latency, "
+              "no --api v2)", file=sys.stderr)
+        return 2
     if a.mode == "low-latency":
         from .bench_ll import run as run_low_latency
         return run_low_latency(a)
+    if a.api == "v2":
+        from .bench_v2 import run as run_v2
+        return run_v2(a)
     summary = run_bench(config_from_args(a))
     if under_torchrun():  # the launched ranks leave the group they joined; rank 0 reports
         reporter = dist.get_rank() == 0

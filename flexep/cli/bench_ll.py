@@ -1,28 +1,39 @@
-"""Low-latency benchmark: LL dispatch/combine next to normal mode on the same decode tokens.
+"""Low-latency benchmark: LL dispatch + combine next to one raw exchange each way, per batch size.
 
-Reproduce (4 local Gloo ranks, DeepEP's LL benchmark shape: 128 tokens/rank, hidden 7168,
-top-8 of 256 experts)::
+Reproduce (4 local Gloo ranks, DeepSeek-V3 shape: hidden 7168, top-8 of 256 experts, FP8
+dispatch, BF16 weighted combine, capacity = tokens per rank)::
 
-    flexep bench --mode low-latency
-    python -m flexep.bench_low_latency --iters 5 --json bench_ll.json
+    flexep bench --mode low-latency --fp8 --iters 20
+    python -m flexep.cli.bench_ll --fp8 --iters 20 --profile --json bench_ll.json
+
+For every batch size (1, 8 and 128 tokens per rank by default), in one run:
+
+* **LL**: ``low_latency_dispatch`` then ``low_latency_combine`` of a fixed expert output, on a
+  default ``Buffer`` (checks on), timed as one unit and as its two halves;
+* **raw**: ``all_to_all_single`` of the routing's minimal bytes once each way -- one row of data
+  (+ FP8 scales) per (token, destination rank) out, one BF16 row back -- with the counts known in
+  advance (as in low-latency mode) and send/receive buffers allocated once;
+* optionally normal mode (layout + dispatch + combine) on the same tokens.
 
 Correctness is checked first, on every rank: LL dispatch receives exactly the (token, expert)
-entries the routing sends to this rank, and LL combine of identity experts gives
-``x * sum of the token's valid weights`` (DeepEP's test). Then every iteration times each phase
-on all ranks in lockstep (a barrier before each call), phases interleaved so machine noise hits
-all of them alike. A phase's time is the slowest rank's, the median over iterations, in µs per
-call. "MB sent/rank" is the payload a rank hands to the other ranks (max over ranks): LL moves
-its fixed capacity (M rows per peer), normal mode only the routed tokens.
+entries the routing sends here, and LL combine of identity experts gives
+``x * sum of the token's valid weights`` (DeepEP's test). Phases are interleaved in every
+iteration and start together (a barrier before each), so machine noise hits all of them alike.
+A phase's time is the slowest rank's, the median over iterations. Bytes are what a rank hands
+the backend for its peers (max over ranks), LL's next to the raw exchange's (the routing's
+minimum). ``--profile`` adds where LL's time goes on rank 0 (cProfile, by function).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,154 +43,282 @@ from ..launch import run_local
 from ..quant import per_token_cast_to_fp8
 from ..utils import calc_diff
 
-__all__ = ["run_low_latency_bench", "format_table", "main", "run"]
+__all__ = ["run_low_latency_bench", "format_table", "main", "run", "PROFILE_PHASES"]
 
-PHASES = (
-    ("ll_dispatch_fp8", "LL dispatch FP8"),
-    ("ll_dispatch_bf16", "LL dispatch BF16"),
-    ("ll_combine", "LL combine BF16"),
-    ("ll_hook_send", "LL dispatch FP8, hook: send half"),
-    ("ll_hook_recv", "LL dispatch FP8, hook: recv half"),
-    ("ll_nocheck_dispatch", "LL dispatch FP8, checks off"),
-    ("ll_nocheck_combine", "LL combine BF16, checks off"),
-    ("normal_dispatch_bf16", "normal layout+dispatch BF16"),
-    ("normal_dispatch_fp8", "normal layout+dispatch FP8"),
-    ("normal_combine", "normal combine BF16"),
+# Profile phases: name -> the functions whose cumulative time it is (pstats keys end with these).
+PROFILE_PHASES = (
+    ("wait for data", ("<method 'wait' of 'torch._C._distributed_c10d.Work' objects>",
+                       "<built-in method torch._C._distributed_c10d.wait>")),
+    ("post exchanges", ("<built-in method torch._C._distributed_c10d.all_to_all_single>",)),
+    ("FP8 cast + pack rows", ("ll_wire.py:pack_dispatch",)),
+    ("expand into slots", ("ll_wire.py:expand_dispatch",)),
+    ("owner weighted sum", ("ll_reduce.py:reduce_owner",)),
+    ("source sum", ("ll_reduce.py:sum_partials",)),
+    ("LogFMT encode/decode", ("logfmt.py:encode", "logfmt.py:decode")),
+    ("checks (local + in-band verdict)", ("communicator.py:_build", "ll_agreement.py:verdict",
+                                          "control.py:round")),
 )
 
 
 def _inputs(rank: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int):
-    """DeepEP-style decode inputs: ``x [T, H] bf16``, top-k of random scores, |randn| weights."""
+    """DeepEP-style decode inputs: ``x [T, H] bf16``, top-k of random scores, |randn| weights,
+    DeepEP's 10 unused slots per 128 tokens."""
     gen = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
     scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
     topk_idx = scores.topk(num_topk, dim=1).indices
     flat = topk_idx.view(-1)
-    flat[torch.randperm(flat.numel(), generator=gen)[:10]] = -1  # as DeepEP: 10 unused slots
+    # DeepEP masks 10 random slots of 128 tokens; scaled to the batch (none below 13 tokens)
+    flat[torch.randperm(flat.numel(), generator=gen)[:10 * num_tokens // 128]] = -1
     weights = torch.randn(num_tokens, num_topk, generator=gen).abs()
     return x, topk_idx, weights
 
 
-def _timed(fn: Callable, *args, **kwargs):
+def _timed(fn: Callable, *args, cpu: Optional[list] = None, **kwargs) -> float:
+    """Wall seconds of ``fn(*args)``, all ranks starting together; this process's CPU seconds
+    (its threads included: Gloo's send and receive work) are appended to ``cpu``."""
     dist.barrier()
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn(*args, **kwargs)
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
+    return time.perf_counter() - start
 
 
-def _payload(buf: Buffer) -> int:
+def _peer_bytes(buf: Buffer) -> int:
     stats = buf.last_traffic
-    return stats.payload["intra"] + stats.payload["inter"]
+    return stats.sent["intra"] + stats.sent["inter"]
 
 
-def _check(rank: int, world: int, buf: Buffer, x, topk_idx, weights, num_experts: int) -> None:
-    """Raise unless LL dispatch/combine are right on this rank (see module docstring)."""
+def _check(rank: int, world: int, buf: Buffer, x, topk_idx, weights, num_experts: int) -> torch.Tensor:
+    """Raise unless LL dispatch/combine are right here; returns the expert outputs ``y`` (BF16
+    identity experts in the dispatch's slot layout) the timed combines use."""
     capacity = x.size(0)
     recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, capacity, num_experts,
                                                                 use_fp8=False)
     gathered = torch.empty(world * topk_idx.numel(), dtype=topk_idx.dtype)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, topk_idx.contiguous().view(-1))
+    dist.all_gather_into_tensor(gathered, topk_idx.contiguous().view(-1))
     local = num_experts // world
-    expected = torch.bincount(gathered[gathered >= 0], minlength=num_experts)[rank * local:(rank + 1) * local]
-    if not torch.equal(recv_count.long(), expected):
+    ids = gathered - rank * local
+    expected = torch.zeros(local + 1, dtype=torch.int64)
+    expected.index_add_(0, torch.where((ids >= 0) & (ids < local), ids, local), torch.ones_like(ids))
+    if not torch.equal(recv_count.long(), expected[:local]):
         raise RuntimeError(f"LL bench self-check: rank {rank} recv_count {recv_count.tolist()} != "
-                           f"{expected.tolist()}")
-    combined, _, _ = buf.low_latency_combine(recv_x, topk_idx, weights, handle)
+                           f"{expected[:local].tolist()}")
+    y = recv_x.clone()
+    combined, _, _ = buf.low_latency_combine(y, topk_idx, weights, handle)
     want = x.float() * weights.masked_fill(topk_idx < 0, 0).sum(1, keepdim=True)
     diff = calc_diff(combined.float(), want)
     if diff > 1e-5:
         raise RuntimeError(f"LL bench self-check: rank {rank} combine calc_diff {diff:.2e} > 1e-5")
+    return y
 
 
-def _worker(rank: int, world: int, num_tokens: int, hidden: int, num_topk: int, num_experts: int,
-            iters: int, warmup: int) -> dict:
-    group = dist.group.WORLD
-    size = Buffer.get_low_latency_rdma_size_hint(num_tokens, hidden, world, num_experts)
-    buf = Buffer(group, 0, size, low_latency_mode=True)
-    fast = Buffer(group, 0, size, low_latency_mode=True, check_consistency=False, validate=False)
-    x, topk_idx, weights = _inputs(rank, num_tokens, hidden, num_topk, num_experts)
-    x_fp8 = per_token_cast_to_fp8(x)
-    _check(rank, world, buf, x, topk_idx, weights, num_experts)
-    ll_args = (topk_idx, num_tokens, num_experts)
+class _Raw:
+    """``all_to_all_single`` of the routing's minimal rows each way, counts known in advance."""
 
-    def normal_dispatch(x_in):
-        lay = buf.get_dispatch_layout(topk_idx, num_experts)
-        return buf.dispatch(x_in, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
-                            num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=weights)
+    def __init__(self, rank: int, world: int, topk_idx: torch.Tensor, num_experts: int, out_row: int,
+                 back_row: int) -> None:
+        local = num_experts // world
+        owner = torch.where(topk_idx >= 0, topk_idx // local, world)
+        hit = torch.zeros(topk_idx.size(0), world + 1, dtype=torch.bool)
+        hit.scatter_(1, owner, True)
+        send = hit[:, :world].sum(0)
+        table = torch.empty(world * world, dtype=torch.int64)
+        dist.all_gather_into_tensor(table, send)
+        self.sc, self.rc = send.tolist(), table.view(world, world)[:, rank].tolist()
+        self.send = torch.randint(0, 255, (sum(self.sc), out_row), dtype=torch.uint8)
+        self.recv = torch.empty(sum(self.rc), out_row, dtype=torch.uint8)
+        self.back_src = torch.randint(0, 255, (sum(self.rc), back_row), dtype=torch.uint8)
+        self.back = torch.empty(sum(self.sc), back_row, dtype=torch.uint8)
+        peers = [r for r in range(world) if r != rank]
+        self.bytes_out = sum(self.sc[r] for r in peers) * out_row
+        self.bytes_back = sum(self.rc[r] for r in peers) * back_row
 
-    times: dict = {k: [] for k, _ in PHASES}
+    def dispatch(self) -> None:
+        dist.all_to_all_single(self.recv, self.send, self.rc, self.sc)
+
+    def combine(self) -> None:
+        dist.all_to_all_single(self.back, self.back_src, self.sc, self.rc)
+
+    def both(self) -> None:
+        self.dispatch()
+        self.combine()
+
+
+def _profile(call: Callable, reps: int) -> dict:
+    """Seconds per call by :data:`PROFILE_PHASES` (cumulative), plus ``total`` and ``other``."""
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(reps):
+        call()
+    prof.disable()
+    total = (time.perf_counter() - start) / reps
+    stats = pstats.Stats(prof).stats
+    out = {}
+    for name, keys in PROFILE_PHASES:
+        secs = 0.0
+        for (path, _, fn), (_, _, tottime, cumtime, _) in stats.items():
+            label = f"{path.rsplit('/', 1)[-1]}:{fn}" if path != "~" else fn
+            if label in keys:
+                secs += tottime if path == "~" else cumtime
+        out[name] = secs / reps
+    out["total"] = total
+    out["other Python (faces, pool, accounting)"] = max(0.0, total - sum(out[n] for n, _ in PROFILE_PHASES))
+    return out
+
+
+def _one_size(rank: int, world: int, tokens: int, cfg: dict) -> dict:
+    hidden, num_topk, num_experts = cfg["hidden"], cfg["num_topk"], cfg["num_experts"]
+    use_fp8 = cfg["fp8"]
+    x, topk_idx, weights = _inputs(rank, tokens, hidden, num_topk, num_experts)
+    size = Buffer.get_low_latency_rdma_size_hint(tokens, hidden, world, num_experts)
+    bufs = {c: Buffer(dist.group.WORLD, 0, size, low_latency_mode=True, num_channels=c,
+                      ranks_per_node=cfg["ranks_per_node"]) for c in cfg["channels"]}
+    first = bufs[cfg["channels"][0]]
+    y = _check(rank, world, first, x, topk_idx, weights, num_experts)
+    out_row = hidden + 4 * (hidden // 128) if use_fp8 else 2 * hidden
+    raw = _Raw(rank, world, topk_idx, num_experts, out_row, 2 * hidden)
+
+    handles: dict = {}
+
+    def dispatch(buf: Buffer) -> None:
+        handles[buf] = buf.low_latency_dispatch(x, topk_idx, tokens, num_experts, use_fp8=use_fp8)[2]
+
+    def combine(buf: Buffer) -> None:
+        buf.low_latency_combine(y, topk_idx, weights, handles.pop(buf))
+
+    def both(buf: Buffer) -> None:
+        dispatch(buf)
+        combine(buf)
+
+    times: dict = {}
     sent: dict = {}
-    for it in range(warmup + iters):
-        t = {}
-        _, t["ll_dispatch_fp8"] = _timed(buf.low_latency_dispatch, x, *ll_args, use_fp8=True)
-        sent["ll_dispatch_fp8"] = _payload(buf)
-        res, t["ll_dispatch_bf16"] = _timed(buf.low_latency_dispatch, x, *ll_args, use_fp8=False)
-        sent["ll_dispatch_bf16"] = _payload(buf)
-        y, handle = res[0], res[2]
-        _, t["ll_combine"] = _timed(buf.low_latency_combine, y, topk_idx, weights, handle)
-        sent["ll_combine"] = _payload(buf)
-        hooked, t["ll_hook_send"] = _timed(buf.low_latency_dispatch, x, *ll_args, return_recv_hook=True)
-        _, t["ll_hook_recv"] = _timed(hooked[4])
-        # Same routing, so the fast buffer's handle describes the same slots as y's.
-        res, t["ll_nocheck_dispatch"] = _timed(fast.low_latency_dispatch, x, *ll_args, use_fp8=True)
-        _, t["ll_nocheck_combine"] = _timed(fast.low_latency_combine, y, topk_idx, weights, res[2])
-        res, t["normal_dispatch_bf16"] = _timed(normal_dispatch, x)
-        sent["normal_dispatch_bf16"] = _payload(buf)
-        _, t["normal_dispatch_fp8"] = _timed(normal_dispatch, x_fp8)
-        sent["normal_dispatch_fp8"] = _payload(buf)
-        _, t["normal_combine"] = _timed(buf.combine, res[0], res[4])
-        sent["normal_combine"] = _payload(buf)
-        if it >= warmup:
+    cpu: dict = {}
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        keep = it >= cfg["warmup"]
+        t = {"raw": _timed(raw.both, cpu=cpu.setdefault("raw", []) if keep else None),
+             "raw_dispatch": _timed(raw.dispatch), "raw_combine": _timed(raw.combine)}
+        for c, buf in bufs.items():
+            t[f"ll_c{c}"] = _timed(both, buf, cpu=cpu.setdefault(f"ll_c{c}", []) if keep else None)
+            t[f"ll_dispatch_c{c}"] = _timed(dispatch, buf)
+            sent[f"ll_dispatch_c{c}"] = _peer_bytes(buf)
+            t[f"ll_combine_c{c}"] = _timed(combine, buf)
+            sent[f"ll_combine_c{c}"] = _peer_bytes(buf)
+        if cfg["normal"]:
+            t["normal"] = _timed(_normal_round, first, x, topk_idx, weights, num_experts, use_fp8)
+        if keep:
             for k, v in t.items():
-                times[k].append(v)
+                times.setdefault(k, []).append(v)
+    out = dict(times=times, sent=sent, raw_bytes=raw.bytes_out + raw.bytes_back,
+               cpu={k: statistics.median(v) for k, v in cpu.items()})
+    if cfg["profile"]:  # every rank makes the calls; rank 0 reports
+        profile = _profile(lambda: both(first), max(3, cfg["iters"] // 2))
         if rank == 0:
-            print(f"[flexep bench low-latency] iteration {it + 1}/{warmup + iters}"
-                  f"{' (warm-up)' if it < warmup else ''}", file=sys.stderr, flush=True)
-    return dict(times=times, sent=sent)
+            out["profile"] = profile
+    return out
+
+
+def _normal_round(buf: Buffer, x, topk_idx, weights, num_experts: int, use_fp8: bool) -> None:
+    """Normal mode on the same tokens: layout, dispatch, local weighted sum, combine."""
+    lay = buf.get_dispatch_layout(topk_idx, num_experts)
+    x_in = per_token_cast_to_fp8(x) if use_fp8 else x
+    recv = buf.dispatch(x_in, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                        num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=weights)
+    rows = recv[0][0].float().to(torch.bfloat16) if use_fp8 else recv[0]
+    buf.combine(rows, recv[4])
+
+
+def _worker(rank: int, world: int, cfg: dict) -> dict:
+    out = {}
+    for tokens in cfg["tokens"]:
+        out[tokens] = _one_size(rank, world, tokens, cfg)
+        if rank == 0:
+            print(f"[flexep bench low-latency] {tokens} tokens/rank done", file=sys.stderr, flush=True)
+    return out
 
 
 def _summarise(per_rank: list, config: dict) -> dict:
-    """Slowest rank per iteration, median over iterations (µs); bytes: max over ranks."""
-    def phase(name):
-        return statistics.median(max(v) for v in zip(*[r["times"][name] for r in per_rank])) * 1e6
+    """Slowest rank per iteration, median over iterations (ms); bytes: max over ranks."""
+    results = {}
+    for tokens in config["tokens"]:
+        runs = [r[tokens] for r in per_rank]
 
-    sent = {k: max(r["sent"][k] for r in per_rank) for k in per_rank[0]["sent"]}
-    return dict(config=config, us_per_call={k: phase(k) for k, _ in PHASES}, bytes_sent_per_rank=sent)
+        def ms(name, runs=runs):
+            return statistics.median(max(v) for v in zip(*[r["times"][name] for r in runs])) * 1e3
+
+        def cpu_ms(name, runs=runs):
+            return statistics.mean(r["cpu"][name] for r in runs) * 1e3
+
+        row = {"raw_ms": ms("raw"), "raw_dispatch_ms": ms("raw_dispatch"),
+               "raw_combine_ms": ms("raw_combine"), "raw_cpu_ms": cpu_ms("raw"),
+               "raw_bytes": max(r["raw_bytes"] for r in runs)}
+        for c in config["channels"]:
+            ll_bytes = max(r["sent"][f"ll_dispatch_c{c}"] + r["sent"][f"ll_combine_c{c}"] for r in runs)
+            row[f"c{c}"] = {"ll_ms": ms(f"ll_c{c}"), "dispatch_ms": ms(f"ll_dispatch_c{c}"),
+                            "combine_ms": ms(f"ll_combine_c{c}"), "ratio": ms(f"ll_c{c}") / row["raw_ms"],
+                            "ll_cpu_ms": cpu_ms(f"ll_c{c}"), "ll_bytes": ll_bytes,
+                            "bytes_ratio": ll_bytes / max(1, row["raw_bytes"])}
+        if config["normal"]:
+            row["normal_ms"] = ms("normal")
+        if "profile" in runs[0]:
+            row["profile_ms"] = {k: v * 1e3 for k, v in runs[0]["profile"].items()}
+        results[str(tokens)] = row
+    return dict(config=config, results=results)
 
 
 def format_table(summary: dict) -> str:
     """The readable table printed by :func:`run_low_latency_bench`."""
-    c, us, sent = summary["config"], summary["us_per_call"], summary["bytes_sent_per_rank"]
-    lines = [f"flexep low-latency bench: world {c['world_size']} (Gloo), {c['num_tokens']} tokens/rank, "
-             f"hidden {c['hidden']}, top-{c['num_topk']} of {c['num_experts']} experts, "
-             f"median of {c['iters']} iterations (slowest rank)",
-             f"{'phase':<36}{'us/call':>12}{'MB sent/rank':>14}", "-" * 62]
-    for key, label in PHASES:
-        nbytes = sent.get(key)
-        shown = f"{nbytes / 1e6:>14.2f}" if nbytes is not None else f"{'':>14}"
-        lines.append(f"{label:<36}{us[key]:>12.0f}{shown}")
-    ll = us["ll_dispatch_fp8"] + us["ll_combine"]
-    normal = us["normal_dispatch_fp8"] + us["normal_combine"]
-    lines.append(f"LL FP8 dispatch+combine / normal FP8 layout+dispatch+combine: {ll / normal:.2f}x")
-    lines.append("LL moves its fixed capacity (M rows per peer) and returns the weighted sum over "
-                 "experts; normal mode moves routed tokens only and its combine is unweighted (the "
-                 "caller reduces its local experts first).")
+    c = summary["config"]
+    mode = "FP8" if c["fp8"] else "BF16"
+    normal = f" {'normal ms':>10}" if c["normal"] else ""
+    lines = [f"flexep low-latency bench: world {c['world_size']} (Gloo), hidden {c['hidden']}, "
+             f"top-{c['num_topk']} of {c['num_experts']} experts, {mode} dispatch + BF16 weighted combine, "
+             f"capacity = tokens/rank, median of {c['iters']} iterations (slowest rank)",
+             f"{'tokens/rank':>11} {'ch':>3} {'LL disp+comb ms':>16} {'raw both ways ms':>17} {'ratio':>7} "
+             f"{'LL dispatch':>12} {'LL combine':>11} {'bytes LL/min':>13} {'CPU ms LL / raw':>16}" + normal,
+             "-" * (113 + len(normal))]
+    for tokens, row in summary["results"].items():
+        for ch in c["channels"]:
+            v = row[f"c{ch}"]
+            line = (f"{tokens:>11} {ch:>3} {v['ll_ms']:>16.2f} {row['raw_ms']:>17.2f} {v['ratio']:>6.2f}x "
+                    f"{v['dispatch_ms']:>12.2f} {v['combine_ms']:>11.2f} {v['bytes_ratio']:>13.2f} "
+                    f"{v['ll_cpu_ms']:>8.2f} / {row['raw_cpu_ms']:<5.2f}")
+            if c["normal"]:
+                line += f" {row['normal_ms']:>10.2f}"
+            lines.append(line)
+    if any("profile_ms" in row for row in summary["results"].values()):
+        lines += ["", "where LL dispatch+combine spends its time on rank 0 (ms per call, under cProfile):"]
+        names = [n for n, _ in PROFILE_PHASES] + ["other Python (faces, pool, accounting)", "total"]
+        head = f"{'':<42}" + "".join(f"{t + ' tok':>11}" for t in summary["results"])
+        lines.append(head)
+        for name in names:
+            lines.append(f"{name:<42}" + "".join(f"{row['profile_ms'][name]:>11.2f}"
+                                                 for row in summary["results"].values()))
+    lines.append("ratio = LL dispatch+combine / raw all_to_all_single of the minimal bytes each way; bytes "
+                 "LL/min: what LL hands the backend for its peers (rows padded to capacity, weights, "
+                 "headers) over the raw exchange's; CPU ms: one rank's process CPU time per call (its "
+                 "Gloo threads included), mean over ranks.")
     return "\n".join(lines)
 
 
-def run_low_latency_bench(world_size: int = 4, num_tokens: int = 128, hidden: int = 7168,
-                          num_topk: int = 8, num_experts: int = 256, iters: int = 5, warmup: int = 1,
+def run_low_latency_bench(world_size: int = 4, tokens: Sequence[int] = (1, 8, 128), hidden: int = 7168,
+                          num_topk: int = 8, num_experts: int = 256, iters: int = 10, warmup: int = 2,
+                          fp8: bool = True, channels: Sequence[int] = (1,),
+                          ranks_per_node: Optional[int] = None, normal: bool = False, profile: bool = False,
                           json_path: Optional[str] = None) -> dict:
-    """Spawn ``world_size`` Gloo ranks, check correctness, time LL and normal mode, print a table.
+    """Spawn ``world_size`` Gloo ranks, check correctness, time LL against the raw exchange at
+    every batch size in ``tokens``, print a table.
 
-    Returns the summary dict: ``config``, ``us_per_call`` per phase and ``bytes_sent_per_rank``
-    (also written to ``json_path`` when given).
+    Returns the summary: ``config`` and per batch size ``results[str(tokens)]`` with ``raw_ms``,
+    and per channel count ``c<C>`` the LL times, ``ratio`` to the raw exchange and
+    ``bytes_ratio`` (also written to ``json_path`` when given).
     """
-    config = dict(world_size=world_size, num_tokens=num_tokens, hidden=hidden, num_topk=num_topk,
-                  num_experts=num_experts, iters=iters, warmup=warmup)
-    per_rank = run_local(_worker, world_size, (num_tokens, hidden, num_topk, num_experts, iters, warmup),
-                         timeout=1800)
+    config = dict(world_size=world_size, tokens=list(tokens), hidden=hidden, num_topk=num_topk,
+                  num_experts=num_experts, iters=iters, warmup=warmup, fp8=bool(fp8), channels=list(channels),
+                  ranks_per_node=ranks_per_node, normal=bool(normal), profile=bool(profile))
+    per_rank = run_local(_worker, world_size, (config,), timeout=3600)
     summary = _summarise(per_rank, config)
     print(format_table(summary), flush=True)
     if json_path:
@@ -188,18 +327,29 @@ def run_low_latency_bench(world_size: int = 4, num_tokens: int = 128, hidden: in
     return summary
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexep.bench_low_latency", description=__doc__.split("\n")[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world", type=int, default=4, help="local ranks to spawn (Gloo)")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank (= capacity M)")
+    p.add_argument("--tokens", default="1,8,128", help="tokens per rank (= capacity), comma separated")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2")
+    p.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 (DeepEP's default); else BF16")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="virtual node size (accounting only)")
+    p.add_argument("--normal", action="store_true", help="also time normal mode on the same tokens")
+    p.add_argument("--profile", action="store_true", help="where LL's time goes (rank 0, cProfile)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flexep.cli.bench_ll", description=__doc__.split("\n")[0])
+    add_args(p)
     a = p.parse_args(argv)
-    run_low_latency_bench(a.world, a.tokens, a.hidden, a.topk, a.experts, a.iters, a.warmup, a.json)
+    run_low_latency_bench(a.world, [int(t) for t in a.tokens.split(",")], a.hidden, a.topk, a.experts,
+                          a.iters, a.warmup, a.fp8, [int(c) for c in a.channels.split(",")],
+                          a.ranks_per_node, a.normal, a.profile, a.json)
     return 0
 
 
@@ -208,10 +358,15 @@ if __name__ == "__main__":
 
 
 def run(a) -> int:
-    """``flexep bench --mode low-latency`` with the options ``flexep bench`` parsed."""
-    tokens = 128 if a.tokens == 1024 else a.tokens  # the normal-mode default is not a decode batch
+    """``flexep bench --mode low-latency`` with the options ``flexep bench`` parsed: every shape,
+    iteration, FP8, channel and node option applies; decode batches of 1, 8 and 128 tokens per
+    rank unless ``--tokens`` names one."""
+    tokens = [a.tokens] if a.tokens else [1, 8, 128]
+    iters, warmup, hidden = a.iters, a.warmup, a.hidden
     if a.quick:
-        tokens, a.hidden = min(tokens, 16), min(a.hidden, 1024)
-    run_low_latency_bench(world_size=a.world, num_tokens=tokens, hidden=a.hidden, num_topk=a.topk,
-                          num_experts=a.experts, json_path=a.json)
+        tokens, hidden, iters, warmup = [min(t, 16) for t in tokens][:2], min(hidden, 1024), 2, 1
+    run_low_latency_bench(world_size=a.world, tokens=tokens, hidden=hidden, num_topk=a.topk,
+                          num_experts=a.experts, iters=iters, warmup=warmup, fp8=True,
+                          channels=[int(c) for c in str(a.channels).split(",")],
+                          ranks_per_node=a.ranks_per_node, json_path=a.json)
     return 0

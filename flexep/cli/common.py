@@ -105,17 +105,19 @@ def write_json(path: str, obj: Any) -> None:
     print(f"figures written to {path}")
 
 
-def add_shape_args(p, *, tokens: int, hidden: int = 7168, experts: int = 256, topk: int = 8,
-                   world: int = 4) -> None:
+def add_shape_args(p, *, tokens: Optional[int], hidden: int = 7168, experts: int = 256, topk: int = 8,
+                   world: int = 4, tokens_help: Optional[str] = None) -> None:
     """The traffic shape every benchmark takes (DeepSeek-V3 by default)."""
     g = p.add_argument_group("traffic shape")
     g.add_argument("--world", type=int, default=world, help=f"local Gloo ranks to spawn (default {world}; "
                    "taken from the launcher under torchrun)")
-    g.add_argument("--tokens", type=int, default=tokens, help=f"tokens per rank (default {tokens})")
+    g.add_argument("--tokens", type=int, default=tokens,
+                   help=tokens_help or f"tokens per rank (default {tokens})")
     g.add_argument("--hidden", type=int, default=hidden, help=f"hidden size (default {hidden})")
     g.add_argument("--experts", type=int, default=experts, help=f"experts (default {experts})")
     g.add_argument("--topk", type=int, default=topk, help=f"experts per token (default {topk})")
-    g.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 with per-128-channel scales")
+    g.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 with per-128-channel scales "
+                   "(low-latency mode always does, as DeepEP's default)")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -47,7 +47,8 @@ __all__ = ["Header", "ControlPlane", "dtype_code", "OPS", "ANY", "FIELDS"]
 MAGIC = 0x464C4558  # "FLEX"
 ANY = -2  # a field value that is not compared
 OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "ll_dispatch": 4, "ll_combine": 5,
-       "barrier": 6, "ll_clean": 7, "init": 8, "sync_free_dispatch": 9}
+       "barrier": 6, "ll_clean": 7, "init": 8, "sync_free_dispatch": 9, "sync_free_cached_dispatch": 10,
+       "sync_free_combine": 11, "lb_prefetch": 12, "lb_reduce": 13}
 _OP_NAMES = {v: k for k, v in OPS.items()}
 FIELDS = ("magic", "op", "seq", "generation", "error", "num_tokens", "hidden", "x_dtype", "num_scales",
           "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode",
@@ -184,10 +185,12 @@ class ControlPlane:
         table = table.cpu()  # the call's one host read (free when the rows were on the host)
         header = Header(fields=table[:, :_F], counts=table[:, _F:_F + world],
                         extra=table[:, _F + world:_F + width], per_dest=table[:, _F + width:])
-        self._verdict(op, header, error, check, explain)
+        self.verdict(op, header, error, check, explain)
         return header
 
-    def _verdict(self, op: str, h: Header, error, check: bool, explain) -> None:
+    def verdict(self, op: str, h: Header, error, check: bool, explain) -> None:
+        """Raise as a round of ``op`` with table ``h`` would (every rank reaches the same verdict
+        from the same table); used directly by checks that travel in the payload."""
         tp = self.tp
         kw = dict(op=op, phase="header", seq=tp.seq)
         bad_magic = [r for r, m in enumerate(h.field("magic")) if m != MAGIC]

@@ -279,6 +279,94 @@ def check_ll_combine(req) -> None:
     if tuple(req.x.shape) != shape:
         raise ValueError(f"x must be {list(shape)} (the dispatch's [L, W*Q, H]), got {list(req.x.shape)}")
     check_topk_weights(req.topk_weights, h.topk_idx)
+    if req.use_logfmt and req.x.dtype != torch.bfloat16:
+        raise TypeError(f"x must be bfloat16 with use_logfmt=True (LogFMT encodes BF16), got "
+                        f"{str(req.x.dtype).replace('torch.', '')}")
+    if req.use_logfmt and h.hidden % 128:
+        raise ValueError(f"use_logfmt=True needs hidden to be a multiple of 128, got {h.hidden}")
     check_tensor("out", req.out, dim=2, dtypes=(req.x.dtype,), rows=h.num_tokens, device=req.x.device)
     if req.out.size(1) != h.hidden:
         raise ValueError(f"out must be [{h.num_tokens}, {h.hidden}], got {list(req.out.shape)}")
+
+
+# ---- DeepEP V2: slot-order combine and sync-free calls --------------------------------------
+def check_slot_order(order, num_tokens: int, x: torch.Tensor, world: int) -> int:
+    """A :class:`~flexep.algorithms.contract.SlotOrder` for ``num_tokens`` tokens and rows ``x``;
+    returns the hidden width H' the combine produces."""
+    check_num_experts(order.num_experts, world, name="slot_order.num_experts")
+    topk = check_tensor("slot_order.topk_idx", order.topk_idx, dim=2, dtypes=(torch.int64,), rows=num_tokens,
+                        contiguous=False, device=x.device)
+    check_int("slot_order.ranks_per_node", order.ranks_per_node, minimum=0)
+    if order.ranks_per_node and world % order.ranks_per_node:
+        raise ValueError(f"slot_order.ranks_per_node ({order.ranks_per_node}) must divide the group "
+                         f"size ({world})")
+    if not order.per_slot:
+        return x.size(1)
+    k = topk.size(1)
+    if k == 0 or x.size(1) % k:
+        raise ValueError(f"per-slot combine rows must be [M, K * H'] with K = {k}, got {tuple(x.shape)}")
+    return x.size(1) // k
+
+
+def check_scales_packs(scales, data: torch.Tensor, name: str = "x[1] (scales)") -> None:
+    """DeepEP V2 scales: ``[T, S]`` 4-byte packs (float32 or int32), any ``S``, any strides."""
+    check_tensor(name, scales, dim=2, dtypes=(torch.float32, torch.int32), rows=data.size(0),
+                 contiguous=False, device=data.device)
+
+
+def check_sync_free(req, world: int) -> None:
+    """Structure of a :class:`~flexep.algorithms.contract.SyncFreeDispatchRequest`."""
+    x = req.x
+    floats = tuple(FLOAT_DTYPES) + (tuple(FLOAT8_DTYPES) + (torch.uint8,) if req.scales is not None else ())
+    check_tensor("x", x, dim=2, dtypes=floats)
+    if req.scales is not None:
+        check_scales_packs(req.scales, x)
+    check_num_experts(req.num_experts, world)
+    check_int("num_max_tokens_per_rank", req.capacity, minimum=1)
+    if x.size(0) > req.capacity:
+        raise ValueError(f"x has {x.size(0)} tokens, more than num_max_tokens_per_rank ({req.capacity}); "
+                         "raise num_max_tokens_per_rank (equal on all ranks) or split the batch")
+    check_topk_idx(req.topk_idx, x.size(0), req.num_experts, values=False, device=x.device)
+    if req.topk_idx.dtype != torch.int64:
+        raise TypeError("topk_idx must be int64 (deep_ep.topk_idx_t)")
+    if req.topk_weights is not None:
+        check_topk_weights(req.topk_weights, req.topk_idx)
+
+
+def check_sync_free_cached(req) -> None:
+    """A sync-free replay: rows of the handle's token count, optional scales and weights."""
+    h, x = req.handle, req.x
+    floats = tuple(FLOAT_DTYPES) + (tuple(FLOAT8_DTYPES) + (torch.uint8,) if req.scales is not None else ())
+    check_tensor("x", x, dim=2, dtypes=floats, rows=h.num_tokens, device=h.topk_idx.device)
+    if req.scales is not None:
+        check_scales_packs(req.scales, x)
+    if req.topk_weights is not None:
+        check_topk_weights(req.topk_weights, h.topk_idx)
+
+
+def check_sync_free_combine(req, world: int) -> None:
+    """A sync-free combine: ``x [W*Q, H']`` (or per-slot ``[W*Q, K*H']``), weights, biases."""
+    h = req.handle
+    _check_slot_combine(req, world, h.num_rows, h.num_tokens, h.topk_idx.device)
+
+
+def check_slot_combine(req, world: int) -> None:
+    """A counted combine in slot order: ``x [M, H']`` (or per-slot ``[M, K*H']``)."""
+    h = req.handle
+    _check_slot_combine(req, world, h.num_rows, h.num_tokens, h.recv_src_idx.device)
+
+
+def _check_slot_combine(req, world: int, rows: int, tokens: int, device: torch.device) -> None:
+    x = req.x
+    check_tensor("x", x, dim=2, dtypes=FLOAT_DTYPES, rows=rows, device=device)
+    hidden = check_slot_order(req.slot_order, tokens, x, world)
+    if req.topk_weights is not None:
+        check_tensor("topk_weights", req.topk_weights, dim=2, dtypes=(torch.float32,), rows=rows,
+                     device=device)
+        if req.topk_weights.size(1) != req.slot_order.topk_idx.size(1):
+            raise ValueError(f"topk_weights must be [{rows}, {req.slot_order.topk_idx.size(1)}], "
+                             f"got {tuple(req.topk_weights.shape)}")
+    for i, b in enumerate(req.bias):
+        check_tensor(f"bias[{i}]", b, dim=2, dtypes=(x.dtype,), rows=tokens, device=device)
+        if b.size(1) != hidden:
+            raise ValueError(f"bias[{i}] must be [{tokens}, {hidden}], got {tuple(b.shape)}")

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..algorithms import logfmt
 from ..algorithms.contract import (
     CachedDispatchRequest,
     Combined,
@@ -40,10 +41,17 @@ from ..algorithms.contract import (
     LowLatencyHandle,
     NormalHandle,
     Sends,
+    SyncFreeCachedRequest,
+    SyncFreeCombineRequest,
+    SyncFreeDispatchRequest,
+    SyncFreeHandle,
 )
 from ..algorithms.flat import Flat
 from ..algorithms.hierarchical import Hierarchical
-from ..algorithms.low_latency import LowLatency, WireRow
+from ..algorithms.ll_shrink import ShrinkLink
+from ..algorithms.low_latency import LowLatency, WeightsRow, WireRow
+from ..algorithms.slot_combine import SlotCombine
+from ..algorithms.sync_free import SyncFree, wire_row_bytes_sync_free
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
 from ..comm.control import ControlPlane, Header, dtype_code
 from ..comm.failure import FailureDetector
@@ -53,6 +61,7 @@ from ..device import group_carries
 from ..errors import CapacityError
 from ..layout import DispatchLayout, aligned_expert_counts, compute_layout
 from . import checks as C
+from . import ll_agreement
 
 __all__ = ["Options", "Communicator"]
 
@@ -174,12 +183,14 @@ class Communicator:
             self.normal = Flat(tp, self.uid)
         tp.channels = lanes
         self.low_latency = LowLatency(tp, self.uid)
+        self.sync_free, self.slot_combine = SyncFree(tp, self.uid), SlotCombine(tp, self.uid)
         self.num_channels = num_channels
         self._tp: Optional[Transport] = tp
         # Every later round carries the algorithm's extras and per-destination expert counts
         # (their width grows, agreed, on the first dispatch with more local experts).
         control.extra_width, control.per_dest_width = self.normal.extra_width, 0
         self.control = control
+        self.in_band = ll_agreement.InBand(control)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -332,16 +343,20 @@ class Communicator:
         if not isinstance(req, CombineRequest):
             raise TypeError(f"expected a CombineRequest, got {type(req).__name__}")
         self.check_handle(req.handle)
-        C.check_combine(req)
+        if req.slot_order is None:
+            C.check_combine(req)
+        else:
+            C.check_slot_combine(req, self.world)
 
     def combine(self, request: Requested) -> Combined:
-        """Return every received row to its source and sum per original token."""
+        """Return every received row to its source and sum per original token (in rank order, or
+        in DeepEP V2's slot order when the request has a ``slot_order``)."""
         self._begin("combine")
         req, error = self._build(request, self.check_combine)
         self._agreement("combine", error, lambda: dict(
             hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype),
-            has_weights=int(req.topk_weights is not None)))
-        out = self.normal.combine(req)
+            has_weights=int(req.topk_weights is not None), mode=int(req.slot_order is not None)))
+        out = (self.normal if req.slot_order is None else self.slot_combine).combine(req)
         k = req.topk_weights.size(1) if req.topk_weights is not None else 0
         self._set_minimum(req.handle, wire_row_bytes(req.x.size(1), req.x.dtype, topk_weights=k),
                           reverse=True)
@@ -366,6 +381,80 @@ class Communicator:
         else:
             self.transport.stats.set_minimum(lambda: flat_minimum(counts, topo, rank, row, reverse))
 
+    # ---- sync-free normal mode (DeepEP V2 do_cpu_sync=False) -------------------------------
+    def check_sync_free(self, req: SyncFreeDispatchRequest) -> None:
+        if not isinstance(req, SyncFreeDispatchRequest):
+            raise TypeError(f"expected a SyncFreeDispatchRequest, got {type(req).__name__}")
+        C.check_sync_free(req, self.world)
+        if self._validate_now(req.topk_idx):
+            C.check_topk_values(req.topk_idx, req.num_experts)
+
+    def sync_free_dispatch(self, request: Requested) -> Dispatched:
+        """Dispatch with static shapes (``W * Q`` output rows) and no host read: every count
+        stays on the device (``Dispatched.handle`` is a :class:`SyncFreeHandle`). The control
+        round carries host values only (sizes, dtypes), over the host plane; with
+        ``check_consistency=False`` there is none and each source sends Q rows."""
+        self._begin("sync_free_dispatch")
+        req, error = self._build(request, self.check_sync_free)
+        blocks = None
+        if self.check_consistency or error is not None:
+            header = self.control.round("sync_free_dispatch", error=error, check=self.check_consistency,
+                                        **({} if error else _agree_sync_free(req)))
+            blocks = header.field("num_tokens")
+        out = self.sync_free.dispatch(req, blocks or [req.capacity] * self.world)
+        k = req.topk_idx.size(1)
+        row = wire_row_bytes_sync_free(req.x.size(1), req.x.dtype, _num_scales(req.scales), k,
+                                       req.topk_weights is not None)
+        self._set_ll_minimum(req.topk_idx, req.num_experts, row)
+        return out
+
+    def check_sync_free_handle(self, handle) -> None:
+        if not isinstance(handle, SyncFreeHandle):
+            raise TypeError("handle must be the handle a sync-free dispatch returned, got "
+                            f"{type(handle).__name__}")
+        if handle.owner != self.uid:
+            raise ValueError("handle was produced by another Buffer/communicator; combine and cached "
+                             "dispatch must use the one that dispatched")
+
+    def check_sync_free_cached(self, req: SyncFreeCachedRequest) -> None:
+        if not isinstance(req, SyncFreeCachedRequest):
+            raise TypeError(f"expected a SyncFreeCachedRequest, got {type(req).__name__}")
+        self.check_sync_free_handle(req.handle)
+        C.check_sync_free_cached(req)
+
+    def sync_free_cached_dispatch(self, request: Requested) -> Dispatched:
+        """Replay a sync-free dispatch's routing for new rows (static shapes, no host read)."""
+        self._begin("sync_free_cached_dispatch")
+        req, error = self._build(request, self.check_sync_free_cached)
+        self._agreement("sync_free_cached_dispatch", error, lambda: dict(
+            **_agree_rows(req.x, req.scales), has_weights=int(req.topk_weights is not None)))
+        out = self.sync_free.cached_dispatch(req)
+        h = req.handle
+        k = h.topk_idx.size(1) if req.topk_weights is not None else 0
+        row = wire_row_bytes_sync_free(req.x.size(1), req.x.dtype, _num_scales(req.scales), 0, False) + 4 * k
+        self._set_ll_minimum(h.topk_idx, h.num_experts, row)
+        return out
+
+    def check_sync_free_combine(self, req: SyncFreeCombineRequest) -> None:
+        if not isinstance(req, SyncFreeCombineRequest):
+            raise TypeError(f"expected a SyncFreeCombineRequest, got {type(req).__name__}")
+        self.check_sync_free_handle(req.handle)
+        C.check_sync_free_combine(req, self.world)
+
+    def sync_free_combine(self, request: Requested) -> Combined:
+        """Return rows along a sync-free handle and reduce them in DeepEP V2's slot order."""
+        self._begin("sync_free_combine")
+        req, error = self._build(request, self.check_sync_free_combine)
+        self._agreement("sync_free_combine", error, lambda: dict(
+            hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype),
+            has_weights=int(req.topk_weights is not None)))
+        out = self.sync_free.combine(req)
+        k = req.topk_weights.size(1) if req.topk_weights is not None else 0
+        row = req.x.size(1) * req.x.element_size() + 4 * k
+        topo, rank, handle = self.topology, self.rank, req.handle
+        self.transport.stats.set_minimum(lambda: _per_peer(topo, rank, handle.recv_counts.cpu(), row))
+        return out
+
     # ---- low-latency mode ------------------------------------------------------------------
     def check_ll_dispatch(self, req: LLDispatchRequest) -> None:
         if not isinstance(req, LLDispatchRequest):
@@ -379,13 +468,23 @@ class Communicator:
         receives). Never reads the device on the host (with the default ``validate``)."""
         self._begin("ll_dispatch")
         req, error = self._build(request, self.check_ll_dispatch)
-        mode = 0
-        if req is not None:
-            mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
-        self._agreement("ll_dispatch", error, lambda: dict(
-            hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
-            num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0)))
-        pending, handle = self.low_latency.dispatch(req)
+        values = (lambda: _ll_dispatch_values(req))
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending, handle = self.low_latency.dispatch(req)
+        elif self._ll_in_band:
+            frame = None
+            if req is not None:
+                row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8,
+                                 req.use_ue8m0, header=True)
+                frame = (req.capacity, row.nbytes, row.header_offset)
+            pending, handle = self.in_band.call(
+                self, "ll_dispatch", error, values, frame,
+                lambda h, v: self.low_latency.dispatch(req, header=h, verify=v))
+        else:
+            self._agreement("ll_dispatch", error, values)
+            pending, handle = self.low_latency.dispatch(req)
         row = WireRow.of(req.x.size(1), req.topk_idx.size(1), req.x.dtype, req.use_fp8, req.use_ue8m0).nbytes
         self._set_ll_minimum(req.topk_idx, req.num_experts, row)
         return pending, handle
@@ -400,13 +499,64 @@ class Communicator:
         """Launch a fixed-capacity weighted combine; returns the pending half."""
         self._begin("ll_combine")
         req, error = self._build(request, self.check_ll_combine)
-        self._agreement("ll_combine", error, lambda: dict(
-            hidden=req.handle.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=req.handle.num_experts,
-            num_topk=req.topk_weights.size(1), capacity=req.handle.num_max_dispatch_tokens_per_rank,
-            num_tokens=req.handle.num_tokens))
-        pending = self.low_latency.combine(req)
-        self._set_ll_combine_minimum(req.handle, req.handle.hidden * req.x.element_size())
+        values = (lambda: _ll_combine_values(req))
+        if self.shrink:
+            if error is not None:
+                raise error
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        elif self._ll_in_band:
+            frame = None
+            if req is not None:
+                wrow = WeightsRow(req.topk_weights.size(1), header=True)
+                frame = (req.handle.num_max_dispatch_tokens_per_rank, wrow.nbytes, wrow.header_offset)
+            pending = self.in_band.call(self, "ll_combine", error, values, frame, lambda h, v:
+                                        self.low_latency.combine(req, header=h, verify=v,
+                                                                 use_logfmt=req.use_logfmt))
+        else:
+            self._agreement("ll_combine", error, values)
+            pending = self.low_latency.combine(req, use_logfmt=req.use_logfmt)
+        hidden = req.handle.hidden
+        row = logfmt.row_bytes(hidden) if req.use_logfmt else hidden * req.x.element_size()
+        self._set_ll_combine_minimum(req.handle, row)
         return pending
+
+    @property
+    def shrink(self) -> bool:
+        """Shrink mode: low-latency calls mask silent peers (:mod:`flexep.algorithms.ll_shrink`)."""
+        return self.low_latency.link is not None
+
+    def enable_shrink(self) -> None:
+        """Route low-latency exchanges point to point through the store, with a peer mask.
+
+        Local errors are then raised on the calling rank only (no collective checks): a peer
+        that does not take part is masked by the others after ``timeout`` seconds.
+        """
+        self.low_latency.link = ShrinkLink(self.uid, self.transport)
+
+    def shrink_barrier(self) -> None:
+        """DeepEP's shrink barrier: every unmasked peer, the silent ones masked."""
+        self._begin("ll_clean")
+        self.low_latency.link.barrier()
+
+    def prepare_low_latency(self) -> None:
+        """Give low-latency exchanges process groups of their own (collective: every rank of the
+        group calls it, once), so that their checks can ride in the payload (see
+        :meth:`flexep.algorithms.low_latency.LowLatency.use_groups`). Only where the payload is on
+        the host: accelerators keep the control round, and the EP group's communicator."""
+        if self.host_group is not None:
+            return
+        ranks = list(range(self.world))
+        lanes = {role: [subgroup(self.group, ranks) for _ in range(self.num_channels)]
+                 for role in ("frames", "weights")}
+        for role, groups in lanes.items():
+            self.transport.channels["ll_" + role] = groups[1:]
+        self.low_latency.use_groups({role: groups[0] for role, groups in lanes.items()})
+
+    @property
+    def _ll_in_band(self) -> bool:
+        """Low-latency checks ride in the payload: checks on, the payload on the host, and the
+        exchanges on groups of their own (:meth:`prepare_low_latency`)."""
+        return self.check_consistency and self.host_group is None and self.low_latency.groups is not None
 
     def check_ll_handle(self, handle) -> None:
         if not isinstance(handle, LowLatencyHandle):
@@ -450,6 +600,19 @@ def _per_peer(topo: Topology, rank: int, rows: torch.Tensor, row_bytes: int) -> 
     return out
 
 
+def _ll_dispatch_values(req: LLDispatchRequest) -> dict:
+    mode = int(bool(req.use_fp8)) | int(bool(req.round_scale)) << 1 | int(bool(req.use_ue8m0)) << 2
+    return dict(hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype), num_experts=req.num_experts,
+                num_topk=req.topk_idx.size(1), capacity=req.capacity, mode=mode, num_tokens=req.x.size(0))
+
+
+def _ll_combine_values(req: LLCombineRequest) -> dict:
+    h = req.handle
+    return dict(hidden=h.hidden, x_dtype=dtype_code(req.x.dtype), num_experts=h.num_experts,
+                num_topk=req.topk_weights.size(1), capacity=h.num_max_dispatch_tokens_per_rank,
+                mode=int(bool(req.use_logfmt)), num_tokens=h.num_tokens)
+
+
 def _agree_dispatch(req: DispatchRequest) -> dict:
     return dict(**_agree_rows(req.x, req.scales), num_experts=req.num_experts,
                 num_topk=req.topk_idx.size(1) if req.topk_idx is not None else -1)
@@ -460,6 +623,16 @@ def _agree_rows(x: torch.Tensor, scales: Optional[torch.Tensor]) -> dict:
     return dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
                 num_scales=scales.size(1) if scales is not None else -1,
                 scale_dtype=dtype_code(scales.dtype if scales is not None else None))
+
+
+def _agree_sync_free(req: SyncFreeDispatchRequest) -> dict:
+    return dict(**_agree_rows(req.x, req.scales), num_experts=req.num_experts,
+                num_topk=req.topk_idx.size(1), has_weights=int(req.topk_weights is not None),
+                capacity=req.capacity, num_tokens=req.x.size(0))
+
+
+def _num_scales(scales: Optional[torch.Tensor]) -> int:
+    return 0 if scales is None else scales.size(1)
 
 
 def _scale_spec(scales: Optional[torch.Tensor]) -> Optional[tuple]:

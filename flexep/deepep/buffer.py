@@ -4,11 +4,12 @@
 calling convention (argument names, tuple returns, events, handles) into core requests; every
 call is collective, validated on every rank, and bounded by ``timeout`` (see the core).
 
-Low-latency mode differences from DeepEP, all by design of a collective transport: results are
-fresh tensors (any number may be held; no cleaning between normal and low-latency calls),
-``dispatch_wait_recv_cost_stats``/``combine_wait_recv_cost_stats`` are accepted and left
-unchanged (a collective cannot attribute waiting to one source), and the receive buffer that
-``get_next_low_latency_combine_buffer`` returns is contiguous.
+Low-latency mode differences from DeepEP (``docs/low-latency.md``): buffers are reused only once
+nothing holds them (any number of results may be held; no cleaning between normal and
+low-latency calls), ``dispatch_wait_recv_cost_stats``/``combine_wait_recv_cost_stats`` are
+accepted and left unchanged (a collective cannot attribute waiting to one source), the receive
+buffer that ``get_next_low_latency_combine_buffer`` returns is contiguous, LogFMT rows have one
+fixed size, and shrink mode exchanges through the store.
 
 Shape legend: :mod:`flexep.algorithms.contract` (M received rows; in low-latency mode
 Q = ``num_max_dispatch_tokens_per_rank``).
@@ -54,7 +55,10 @@ class Buffer:
             :meth:`get_low_latency_rdma_size_hint`, as in DeepEP; otherwise informational.
         low_latency_mode: enable the low-latency API.
         num_qps_per_rank: accepted (queue pairs belong to the backend; see ``num_channels``).
-        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, enable_shrink: accepted.
+        allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted.
+        enable_shrink: DeepEP's shrink mode: low-latency calls mask a peer that stays silent for
+            ``timeout`` seconds instead of raising, and the ``low_latency_*_mask_buffer`` methods
+            work (see ``docs/low-latency.md``).
         explicitly_destroy: if True, :meth:`destroy` must be called (as DeepEP).
         comm: mpi4py communicators are not supported; pass ``group``.
 
@@ -99,13 +103,18 @@ class Buffer:
                           num_channels=num_channels, timeout=timeout,
                           check_consistency=check_consistency, validate=validate, verify=verify,
                           generation=generation)
-        self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode)},
+        self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode),
+                                                         "enable_shrink": int(self.enable_shrink)},
                                  error=error, label="Buffer", fault_hook=_fault_hook)
         self.topology, self.hierarchical = self.comm.topology, self.comm.hierarchical
         self.num_channels, self.uid = self.comm.num_channels, self.comm.uid
         self.check_consistency, self.validate = self.comm.check_consistency, validate
         self._streams = CommStreams()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
+        if self.low_latency_mode:
+            self.comm.prepare_low_latency()
+        if self.enable_shrink:
+            self.comm.enable_shrink()
 
     # ---- DeepEP class/static helpers -------------------------------------------------------
     @staticmethod
@@ -314,6 +323,11 @@ class Buffer:
             self._check_ll_size(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         except (TypeError, ValueError) as exc:
             error = exc
+        if self.comm.shrink:  # DeepEP's shrink barrier: silent peers are masked, not waited for
+            if error is not None:
+                raise error
+            self.comm.shrink_barrier()
+            return
         self.comm.barrier("ll_clean", error, **({} if error else dict(
             capacity=num_max_dispatch_tokens_per_rank, hidden=hidden, num_experts=num_experts)))
 
@@ -377,9 +391,9 @@ class Buffer:
         self._require_low_latency("low_latency_combine")
 
         def request() -> LLCombineRequest:
-            if use_logfmt:
-                raise ValueError("use_logfmt=True (DeepEP's lossy LogFMT combine) is not supported by "
-                                 "flexep; pass use_logfmt=False (combine sends x's dtype)")
+            if use_logfmt and zero_copy:
+                raise ValueError("use_logfmt=True and zero_copy=True are mutually exclusive (as in DeepEP): "
+                                 "pass the expert outputs as x to combine with LogFMT")
             self._check_hook_flags(async_finish, return_recv_hook)
             _check_ll_handle(handle)
             self.comm.check_ll_handle(handle)
@@ -399,7 +413,8 @@ class Buffer:
             source = self._zero_copy_source(handle, x) if zero_copy else aligned(x)
             dest = out if out is not None else torch.empty(handle.num_tokens, handle.hidden, dtype=x.dtype,
                                                            device=x.device)
-            return LLCombineRequest(x=source, topk_weights=topk_weights, handle=handle, out=dest)
+            return LLCombineRequest(x=source, topk_weights=topk_weights, handle=handle, out=dest,
+                                    use_logfmt=bool(use_logfmt))
         with self._call(_device_of(x), None, async_finish) as call:
             pending = self.comm.ll_combine(request)
             if not return_recv_hook:
@@ -430,6 +445,35 @@ class Buffer:
             raise ValueError("zero_copy=True reads get_next_low_latency_combine_buffer(handle): call it "
                              "and write the expert outputs into it first")
         return buf
+
+    # ---- shrink mode (DeepEP's mask buffer) --------------------------------------------------
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask (the default, as DeepEP) ``rank_to_mask`` on this rank
+        only: a masked rank is neither sent to nor waited for by this rank's low-latency calls."""
+        link = self._shrink_link("low_latency_update_mask_buffer")
+        C.check_int("rank_to_mask", rank_to_mask, minimum=0)
+        if rank_to_mask >= self.group_size:
+            raise ValueError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask}")
+        link.update(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy this rank's mask into ``mask_status: [num_ranks] int32`` (1 = masked)."""
+        link = self._shrink_link("low_latency_query_mask_buffer")
+        C.check_tensor("mask_status", mask_status, dtypes=(torch.int32,), contiguous=True)
+        if mask_status.numel() != self.group_size:
+            raise ValueError(f"mask_status must have {self.group_size} elements (one per rank), got "
+                             f"{mask_status.numel()}")
+        mask_status.view(-1).copy_(link.mask)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (this rank's mask only)."""
+        self._shrink_link("low_latency_clean_mask_buffer").clear()
+
+    def _shrink_link(self, what: str):
+        self.comm.ensure_alive()
+        if not self.comm.shrink:
+            raise RuntimeError(f"{what} needs a Buffer created with enable_shrink=True")
+        return self.comm.low_latency.link
 
     # ---- helpers ---------------------------------------------------------------------------
     def _call(self, device: Optional[torch.device], previous_event, async_finish):

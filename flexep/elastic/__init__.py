@@ -17,8 +17,8 @@ from .ep import Change, ElasticEP, is_failure
 from .group import Generation
 from .membership import Membership, MembershipStore, job_store
 from .model import POLICIES, ElasticMoE
-from .training import latest_step, load_state, save_state, sum_replica_grads, training_placement
+from .training import latest_step, load_state, save_state, training_placement
 
 __all__ = ["ElasticEP", "ElasticMoE", "Change", "Generation", "Membership", "MembershipStore", "POLICIES",
            "job_store", "is_failure", "plan_placement", "plan_sources", "slots_for", "training_placement",
-           "sum_replica_grads", "save_state", "load_state", "latest_step"]
+           "save_state", "load_state", "latest_step"]

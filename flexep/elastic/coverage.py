@@ -23,9 +23,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..algorithms.rows import FetchPlan, fetch_plan
+from ..core.communicator import Communicator
 from ..moe.eplb import Placement, replicate
+from ..moe.weights import fetch_rows
 
-__all__ = ["plan_placement", "plan_sources", "move_rows", "MISSING", "slots_for"]
+__all__ = ["plan_placement", "plan_sources", "plan_moves", "move_rows", "MISSING", "slots_for"]
 
 MISSING = -1
 
@@ -109,37 +112,45 @@ def plan_sources(placement: Placement, held: Sequence[Optional[Sequence[int]]]) 
     return sources
 
 
-def move_rows(exchange, rank: int, wanted: Sequence[Sequence[int]], sources: Sequence[Sequence[int]],
-              rows_of: dict, width: int, like: torch.Tensor) -> dict:
-    """Move expert rows to the ranks that need them; return ``{slot j: row [D]}`` for this rank.
+def plan_moves(owner: int, rank: int, wanted: Sequence[Sequence[int]], sources: Sequence[Sequence[int]],
+               held: Sequence[int]) -> tuple[FetchPlan, list[int]]:
+    """This rank's :class:`~flexep.algorithms.rows.FetchPlan` for filling its slots, built locally
+    (every rank knows every rank's slots and sources), and the slots it fills.
 
     ``wanted[r][j]``: logical expert of slot j of rank r; ``sources`` from :func:`plan_sources`;
-    ``rows_of``: logical id -> ``[D]`` row this rank holds; ``like``: dtype and device of rows.
-    ``exchange(phase, sends, recvs, send_counts, recv_counts)`` runs the all-to-all (one per
-    call, even when nothing moves, so that every rank makes the same calls). Rows a source
-    sends to one destination travel in that destination's slot order. Missing slots are absent
-    from the result.
+    ``held``: the logical expert of each row this rank offers (its valid experts); ``owner``:
+    the id of the communicator that will run it. A source sends each expert a destination asks
+    of it once, in the order of the destination's slots; a slot it holds itself is a local copy.
+    Missing slots are left out.
+
+    Example (2 ranks, rank 1 needs expert 5 from rank 0 for both its slots): rank 0 sends one
+    row, rank 1 expands it into slots ``[0, 1]``.
     """
     world = len(wanted)
-    send, send_counts = [], [0] * world
+    index = {e: i for i, e in reversed(list(enumerate(held)))}
+    filled = [j for j, src in enumerate(sources[rank]) if src != MISSING]
+    want = [wanted[rank][j] for j in filled]
+    owners = [sources[rank][j] for j in filled]
+    per_owner: list[list[int]] = [[] for _ in range(world)]
+    for e, o in zip(want, owners):
+        if o != rank and e not in per_owner[o]:
+            per_owner[o].append(e)
+    asked: list[list[int]] = [[] for _ in range(world)]
     for d in range(world):
-        for j, e in enumerate(wanted[d]):
-            if sources[d][j] == rank and d != rank:
-                send.append(rows_of[e])
-                send_counts[d] += 1
-    recv_counts = [0] * world
-    for s in sources[rank]:
-        if s not in (rank, MISSING):
-            recv_counts[s] += 1
-    sends = torch.stack(send) if send else like.new_empty(0, width)
-    recv = like.new_empty(sum(recv_counts), width)
-    exchange("experts", [sends], [recv], send_counts, recv_counts)
-    offset = [sum(recv_counts[:s]) for s in range(world)]
-    out = {}
-    for j, (e, s) in enumerate(zip(wanted[rank], sources[rank])):
-        if s == rank:
-            out[j] = rows_of[e]
-        elif s != MISSING:
-            out[j] = recv[offset[s]]
-            offset[s] += 1
-    return out
+        for e, src in zip(wanted[d], sources[d]):
+            if src == rank and d != rank and e not in asked[d]:
+                asked[d].append(e)
+    return fetch_plan(owner, rank, index, per_owner, asked, want, owners, len(held)), filled
+
+
+def move_rows(comm: Communicator, wanted: Sequence[Sequence[int]], sources: Sequence[Sequence[int]],
+              held: Sequence[int], rows: torch.Tensor) -> dict:
+    """Move expert rows to the slots that need them over ``comm`` (collective: one row exchange
+    through :func:`flexep.moe.weights.fetch_rows`, even when nothing moves).
+
+    ``rows: [len(held), D]``: this rank's valid experts, one row each (all its tensors
+    flattened). Returns ``{slot j: row [D]}`` for this rank's slots that are not missing.
+    """
+    plan, filled = plan_moves(comm.uid, comm.rank, wanted, sources, held)
+    got = fetch_rows(comm, rows, plan)
+    return {j: got[k] for k, j in enumerate(filled)}

@@ -307,6 +307,13 @@ class ElasticEP:
 
     # ---- small collectives over the current generation (deadline-bounded, typed errors) ------
     @property
+    def control(self) -> Communicator:
+        """The current generation's small control communicator (stamped with the generation)."""
+        if self._control is None:
+            raise RuntimeError("no group is formed")
+        return self._control
+
+    @property
     def transport(self):
         """The current generation's control transport (deadlines, failure detection)."""
         if self._control is None:

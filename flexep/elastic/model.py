@@ -167,13 +167,18 @@ class ElasticMoE:
         params = [getattr(new.experts, t) for t in _EXPERT_TENSORS]
         shapes = [p.shape[1:] for p in params]
         width = sum(s.numel() for s in shapes)
-        rows_of = {}
+        held, offered = [], []
         if old is not None:
             flat = torch.cat([getattr(old.experts, t).detach().flatten(1) for t in _EXPERT_TENSORS], 1)
             for slot, e in enumerate(old.experts.logical_ids.tolist()):
-                rows_of.setdefault(e, flat[slot])
+                if e not in self.masked and e not in held:
+                    held.append(e)
+                    offered.append(slot)
+            rows = flat[offered]
+        else:
+            rows = params[0].new_empty(0, width)
         wanted = placement.physical_to_logical.view(placement.num_ranks, -1).tolist()
-        rows = move_rows(self.ep.exchange, self.ep.rank, wanted, sources, rows_of, width, params[0].detach())
+        rows = move_rows(self.ep.control, wanted, sources, held, rows)
         with torch.no_grad():
             for j, e in enumerate(wanted[self.ep.rank]):
                 if j in rows:

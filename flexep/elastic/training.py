@@ -18,8 +18,8 @@ Optimizers whose state is tensors shaped like their parameter plus equal scalars
 momentum, Adam, AdamW) are supported.
 
 At an EP size that does not divide the experts, the placement has replicas
-(:func:`training_placement`); their gradients are summed over the replicas
-(:func:`sum_replica_grads`) so that every copy takes the same step.
+(:func:`training_placement`); :func:`flexep.moe.sync_replica_grads` after each backward gives
+every copy the sum of the copies' gradients, so they take the same step.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ import torch.distributed as dist
 
 from ..moe import checkpoint
 from ..moe.eplb import Placement, global_placement
-from ..moe.layer import MoELayer
 from .coverage import slots_for
 
-__all__ = ["training_placement", "sum_replica_grads", "save_state", "load_state", "latest_step"]
+__all__ = ["training_placement", "save_state", "load_state", "latest_step"]
 
 
 def training_placement(num_experts: int, world: int) -> Placement:
@@ -47,31 +46,6 @@ def training_placement(num_experts: int, world: int) -> Placement:
     if num_experts % world == 0:
         return Placement.identity(num_experts, world)
     return global_placement(torch.ones(num_experts), slots_for(num_experts, 0, world), world)
-
-
-@torch.no_grad()
-def sum_replica_grads(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Give every replica of an expert the sum of its replicas' gradients (one all-reduce of the
-    replicated experts' rows; nothing when no layer has replicas)."""
-    for layer in (m for m in module.modules() if isinstance(m, MoELayer)):
-        placement = layer.placement
-        shared = (placement.replica_counts > 1).nonzero().flatten().tolist()
-        if not shared:
-            continue
-        row = {e: i for i, e in enumerate(shared)}
-        params = [layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down]
-        grads = torch.cat([p.grad.flatten(1) for p in params], 1)  # [L, D]
-        total = grads.new_zeros(len(shared), grads.size(1))
-        ids = layer.experts.logical_ids.tolist()
-        for slot, e in enumerate(ids):
-            if e in row:
-                total[row[e]] += grads[slot]
-        dist.all_reduce(total, group=group)
-        sizes = [p[0].numel() for p in params]
-        for slot, e in enumerate(ids):
-            if e in row:
-                for p, part in zip(params, total[row[e]].split(sizes)):
-                    p.grad[slot].copy_(part.view_as(p.grad[slot]))
 
 
 @contextlib.contextmanager

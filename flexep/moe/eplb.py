@@ -6,7 +6,7 @@ so that the busiest rank does as little work as possible. Rank ``r`` holds the p
 ``[r * P/W, (r + 1) * P/W)``, the same contiguous layout :class:`~flexep.Buffer` uses, so
 dispatching to physical ids needs no change to the communication layer.
 
-Two policies, both greedy and deterministic (no randomness, ties broken by index):
+Two policies, as DeepSeek's EPLB (``rebalance_experts``), deterministic (ties by index):
 
 * **hierarchical** (``num_groups`` divisible by ``num_nodes``): pack whole expert groups onto
   nodes (equal group count per node, balanced load), so group-limited routing keeps a token's
@@ -15,8 +15,13 @@ Two policies, both greedy and deterministic (no randomness, ties broken by index
 * **global** (otherwise, or ``num_nodes == 1``): the same replication and packing over all ranks
   at once.
 
-Packing places heaviest items first on the lightest rank that still has room and, where it can,
-does not already hold a replica of the same expert (two replicas on one rank are wasted memory).
+Packing is DeepSeek's greedy (heaviest item first onto the lightest rank with room); with
+``refine=False`` the policies are DeepSeek's algorithm. ``refine=True`` (default) improves the
+greedy by swaps (:mod:`flexep.moe.balance`): items between the busiest rank and the others,
+whole groups between the node of the busiest rank and the others, then replicas of one expert
+that share a rank are separated wherever the busiest rank does not get busier (two replicas on
+one rank hold one expert's memory twice). A swap is taken only when it lowers the busiest rank,
+so a refined placement is never less balanced than DeepSeek's.
 
 Shape legend: E logical experts, P physical slots, W ranks, N nodes, G expert groups,
 R = max replicas of one expert, T tokens, K top-k.
@@ -24,14 +29,16 @@ R = max replicas of one expert, T tokens, K top-k.
 
 from __future__ import annotations
 
-import heapq
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .balance import REL_TOL, colocated, greedy_pack, pack, pack_loads, replicate_counts, spread_labels
+
 __all__ = ["Placement", "replicate", "pack", "global_placement", "hierarchical_placement",
-           "rebalance", "rank_loads"]
+           "rebalance", "align_ranks", "rank_loads"]
 
 
 @dataclass(frozen=True)
@@ -125,106 +132,179 @@ def replicate(load: torch.Tensor, num_slots: int) -> torch.Tensor:
     replica (ties: lowest index), which minimises the largest load per replica.
     Example: ``load = [6, 1, 3], num_slots = 5 -> [3, 1, 1]`` (6/3 = 2 < 3).
     """
-    n = load.numel()
-    if num_slots < n:
-        raise ValueError(f"num_slots ({num_slots}) must be >= the number of experts ({n})")
-    counts = [1] * n
-    heap = [(-float(w), i) for i, w in enumerate(load.tolist())]
-    heapq.heapify(heap)
-    for _ in range(num_slots - n):
-        _, i = heapq.heappop(heap)
-        counts[i] += 1
-        heapq.heappush(heap, (-float(load[i]) / counts[i], i))
-    return torch.tensor(counts, dtype=torch.int64)
+    return torch.tensor(replicate_counts([float(w) for w in load.tolist()], num_slots), dtype=torch.int64)
 
 
-def pack(weights: Sequence[float], num_packs: int, labels: Optional[Sequence[int]] = None
-         ) -> list[list[int]]:
-    """Split items into ``num_packs`` packs of equal size, balancing the summed weights.
+@dataclass(frozen=True)
+class _Node:
+    """Replicas of some experts packed onto some ranks (host lists)."""
 
-    Heaviest item first, each into the lightest pack with room; with ``labels`` a pack already
-    holding an item of the same label is avoided when another pack has room. Returns the item
-    indices of each pack, ascending. Example: ``[5, 4, 3, 2], 2 -> [[0, 3], [1, 2]]``.
-    """
-    n = len(weights)
-    _check_divisible("number of items", n, "num_packs", num_packs)
-    size = n // num_packs
-    packs: list[list[int]] = [[] for _ in range(num_packs)]
-    totals = [0.0] * num_packs
-    held: list[set] = [set() for _ in range(num_packs)]
-    for i in sorted(range(n), key=lambda j: (-float(weights[j]), j)):
-        open_packs = [p for p in range(num_packs) if len(packs[p]) < size]
-        if labels is not None:
-            fresh = [p for p in open_packs if labels[i] not in held[p]]
-            open_packs = fresh or open_packs
-        p = min(open_packs, key=lambda q: (totals[q], q))
-        packs[p].append(i)
-        totals[p] += float(weights[i])
-        if labels is not None:
-            held[p].add(labels[i])
-    return [sorted(p) for p in packs]
+    weights: list  # load per replica
+    labels: list  # logical expert of each replica
+    packs: list  # replica indices per rank
+    heaviest: float  # busiest rank's load
+    colocated: int
+
+    def ranks(self) -> list[list[int]]:
+        return [sorted(self.labels[i] for i in p) for p in self.packs]
 
 
-def _place_within(load: torch.Tensor, experts: list[int], num_slots: int, num_ranks: int
-                  ) -> list[list[int]]:
-    """Replicate ``experts`` (logical ids) into ``num_slots`` slots packed onto ``num_ranks``.
-
-    Returns, per rank, the logical expert of each of its slots (sorted by logical id).
-    """
-    sub = load[experts].double()
-    counts = replicate(sub, num_slots)
-    labels = [e for e, c in zip(experts, counts.tolist()) for _ in range(c)]
-    weights = [float(load[e]) / c for e, c in zip(experts, counts.tolist()) for _ in range(c)]
-    return [sorted(labels[i] for i in p) for p in pack(weights, num_ranks, labels)]
+def _place_within(load: list[float], experts: Sequence[int], num_slots: int, num_ranks: int,
+                  refine: bool) -> _Node:
+    """Replicate ``experts`` (logical ids) into ``num_slots`` slots and pack them onto ``num_ranks``."""
+    counts = replicate_counts([load[e] for e in experts], num_slots)
+    labels = [e for e, c in zip(experts, counts) for _ in range(c)]
+    weights = [load[e] / c for e, c in zip(experts, counts) for _ in range(c)]
+    packs = pack(weights, num_ranks, labels, refine=refine)
+    return _Node(weights, labels, packs, max(pack_loads(weights, packs)), colocated(labels, packs))
 
 
-def _validate(load: torch.Tensor, num_physical: int, num_ranks: int) -> torch.Tensor:
+def _validate(load: torch.Tensor, num_physical: int, num_ranks: int) -> list[float]:
     if not isinstance(load, torch.Tensor) or load.dim() != 1:
         raise ValueError(f"load must be a 1-D tensor [num_experts], got "
                          f"{tuple(load.shape) if isinstance(load, torch.Tensor) else type(load).__name__}")
+    if load.is_floating_point() and not bool(torch.isfinite(load).all()):
+        raise ValueError("load must be finite")
     if bool((load < 0).any()):
         raise ValueError("load must be non-negative")
     _check_divisible("num_physical", num_physical, "num_ranks", num_ranks)
     if num_physical < load.numel():
         raise ValueError(f"num_physical ({num_physical}) must be >= num_experts ({load.numel()})")
-    return load.detach().double().cpu()
+    return [float(w) for w in load.detach().double().cpu().tolist()]
 
 
-def global_placement(load: torch.Tensor, num_physical: int, num_ranks: int) -> Placement:
-    """Replicate and pack over all ranks at once (``load: [E]``, any non-negative numbers)."""
-    load = _validate(load, num_physical, num_ranks)
-    ranks = _place_within(load, list(range(load.numel())), num_physical, num_ranks)
-    return Placement.from_physical_to_logical(torch.tensor(sum(ranks, [])), load.numel(), num_ranks)
+def _placement(ranks: list[list[int]], num_experts: int, num_ranks: int) -> Placement:
+    return Placement.from_physical_to_logical(torch.tensor(sum(ranks, [])), num_experts, num_ranks)
+
+
+def global_placement(load: torch.Tensor, num_physical: int, num_ranks: int, *,
+                     refine: bool = True) -> Placement:
+    """Replicate and pack over all ranks at once (``load: [E]``, any non-negative numbers).
+
+    ``refine=False`` is DeepSeek's global policy (greedy packing only).
+    """
+    values = _validate(load, num_physical, num_ranks)
+    node = _place_within(values, range(len(values)), num_physical, num_ranks, refine)
+    return _placement(node.ranks(), len(values), num_ranks)
 
 
 def hierarchical_placement(load: torch.Tensor, num_physical: int, num_ranks: int, num_groups: int,
-                           num_nodes: int) -> Placement:
+                           num_nodes: int, *, refine: bool = True) -> Placement:
     """Groups to nodes, then replicas to ranks inside each node (``load: [E]``).
 
     Experts ``[g * E/G, (g + 1) * E/G)`` form group g. Each node gets ``G/N`` whole groups and
-    ``P/N`` slots, so a node's experts (and their replicas) never leave it.
+    ``P/N`` slots, so a node's experts (and their replicas) never leave it. Groups go to nodes
+    by the greedy packing of their loads; with ``refine``, whole groups are then swapped
+    between the node holding the busiest rank and the others while that lowers the busiest
+    rank's load (each node re-placed), and every node's packing is refined
+    (:func:`~flexep.moe.balance.refine_pack`). ``refine=False`` is DeepSeek's hierarchical policy.
     """
-    load = _validate(load, num_physical, num_ranks)
-    num_experts = load.numel()
+    values = _validate(load, num_physical, num_ranks)
+    num_experts = len(values)
     _check_divisible("num_experts", num_experts, "num_groups", num_groups)
     _check_divisible("num_groups", num_groups, "num_nodes", num_nodes)
     _check_divisible("num_ranks", num_ranks, "num_nodes", num_nodes)
-    _check_divisible("num_physical", num_physical, "num_ranks", num_ranks)
-    group_size = num_experts // num_groups
-    group_load = load.view(num_groups, group_size).sum(1).tolist()
-    slots = []
-    for groups in pack(group_load, num_nodes):
-        experts = [g * group_size + i for g in groups for i in range(group_size)]
-        slots += sum(_place_within(load, experts, num_physical // num_nodes, num_ranks // num_nodes), [])
-    return Placement.from_physical_to_logical(torch.tensor(slots), num_experts, num_ranks)
+    size = num_experts // num_groups
+    group_load = [sum(values[g * size:(g + 1) * size]) for g in range(num_groups)]
+    cache: dict = {}
+
+    def node(groups: tuple) -> _Node:
+        if groups not in cache:
+            experts = [g * size + i for g in groups for i in range(size)]
+            cache[groups] = _place_within(values, experts, num_physical // num_nodes,
+                                          num_ranks // num_nodes, refine)
+        return cache[groups]
+
+    assignment = [tuple(sorted(p)) for p in greedy_pack(group_load, num_nodes)]
+    if refine:
+        assignment = _swap_groups(assignment, node)
+    nodes = [node(groups) for groups in assignment]
+    if refine:
+        # Replicas may use a node's slack up to the busiest rank of the whole placement.
+        limit = max(n.heaviest for n in nodes)
+        nodes = [replace(n, packs=spread_labels(n.weights, n.packs, n.labels, limit)) for n in nodes]
+    return _placement(sum((n.ranks() for n in nodes), []), num_experts, num_ranks)
+
+
+def _swap_groups(assignment: list[tuple], node: Callable[[tuple], _Node]) -> list[tuple]:
+    """Swap whole groups between the node holding the busiest rank and the others while that
+    rank gets lighter; the swap leaving the lighter of the two nodes' busiest ranks wins."""
+    assignment = list(assignment)
+    while True:
+        h = max(range(len(assignment)), key=lambda n: (node(assignment[n]).heaviest, -n))
+        now = node(assignment[h]).heaviest
+        best = None
+        for n, theirs in enumerate(assignment):
+            for a in assignment[h] if n != h else ():
+                for b in theirs:
+                    mine_new = tuple(sorted(set(assignment[h]) - {a} | {b}))
+                    theirs_new = tuple(sorted(set(theirs) - {b} | {a}))
+                    worst = max(node(mine_new).heaviest, node(theirs_new).heaviest)
+                    if worst < now * (1 - REL_TOL) and (best is None or worst < best[0]):
+                        best = (worst, n, mine_new, theirs_new)
+        if best is None:
+            return assignment
+        _, n, assignment[h], assignment[n] = best
 
 
 def rebalance(load: torch.Tensor, num_physical: int, num_ranks: int, num_groups: int = 1,
-              num_nodes: int = 1) -> Placement:
-    """Pick the policy: hierarchical when groups split evenly over several nodes, else global."""
+              num_nodes: int = 1, *, refine: bool = True, current: Optional[Placement] = None) -> Placement:
+    """Pick the policy: hierarchical when groups split evenly over several nodes, else global.
+
+    With ``current`` (the placement in effect), the result's ranks are relabelled to keep as
+    many experts where they are as the policy allows (:func:`align_ranks`): the same balance,
+    fewer weights to move.
+    """
     if num_nodes > 1 and num_groups % num_nodes == 0:
-        return hierarchical_placement(load, num_physical, num_ranks, num_groups, num_nodes)
-    return global_placement(load, num_physical, num_ranks)
+        new = hierarchical_placement(load, num_physical, num_ranks, num_groups, num_nodes, refine=refine)
+        block = num_ranks // num_nodes
+    else:
+        new, block = global_placement(load, num_physical, num_ranks, refine=refine), num_ranks
+    return new if current is None else align_ranks(new, current, block)
+
+
+def align_ranks(new: Placement, current: Placement, block: int) -> Placement:
+    """``new`` with its ranks permuted to overlap ``current`` as much as a greedy matching finds.
+
+    Ranks move as blocks of ``block`` consecutive ranks (nodes: a hierarchical placement keeps
+    each node's groups together), then inside each block. Every rank keeps its set of experts,
+    so rank loads are only permuted. Overlap counts the experts a rank would not have to fetch.
+
+    Example (W = 2, block 2): current ``[0, 1 | 2, 3]``, new ``[2, 3 | 0, 1]`` -> ``[0, 1 | 2, 3]``.
+    """
+    if new.num_ranks != current.num_ranks:
+        raise ValueError(f"current has {current.num_ranks} ranks, new has {new.num_ranks}")
+    _check_divisible("num_ranks", new.num_ranks, "block", block)
+    mine = [Counter(r) for r in new.physical_to_logical.view(new.num_ranks, -1).tolist()]
+    theirs = [Counter(r) for r in current.physical_to_logical.view(current.num_ranks, -1).tolist()]
+
+    def overlap(a: Counter, b: Counter) -> int:
+        return sum((a & b).values())
+
+    blocks = range(new.num_ranks // block)
+    node_of = _match(blocks, blocks, lambda a, b: overlap(
+        sum((mine[a * block + i] for i in range(block)), Counter()),
+        sum((theirs[b * block + i] for i in range(block)), Counter())))
+    order = [0] * new.num_ranks  # order[target rank] = rank of new that moves there
+    for a, b in node_of.items():
+        inner = _match(range(block), range(block),
+                       lambda i, j, a=a, b=b: overlap(mine[a * block + i], theirs[b * block + j]))
+        for i, j in inner.items():
+            order[b * block + j] = a * block + i
+    p2l = new.physical_to_logical.view(new.num_ranks, -1)[order].flatten()
+    return Placement.from_physical_to_logical(p2l, new.num_logical, new.num_ranks)
+
+
+def _match(sources: range, targets: range, score: Callable[[int, int], int]) -> dict:
+    """Greedy maximum-overlap matching: pairs by descending score (ties: lower ids first)."""
+    pairs = sorted(((score(a, b), a, b) for a in sources for b in targets), key=lambda t: (-t[0], t[1], t[2]))
+    out: dict = {}
+    used: set = set()
+    for _, a, b in pairs:
+        if a not in out and b not in used:
+            out[a] = b
+            used.add(b)
+    return out
 
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:

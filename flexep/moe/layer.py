@@ -1,12 +1,15 @@
-"""Reference expert-parallel MoE layer on flexep: DeepSeek-V3 routing, grouped SwiGLU experts.
+"""Reference expert-parallel MoE layer on flexep: the served models' routers, grouped SwiGLU
+experts, EPLB placements that change while serving.
 
 Data flow of :class:`MoELayer` on every rank (shape legend below)::
 
-    x [T, H] --router--> topk_idx [T, K] (logical), topk_weights [T, K]
+    x [T, H] --gate, routing rule--> topk_idx [T, K] (logical), topk_weights [T, K]
       --placement--> physical ids --dispatch--> recv_x [M, H], recv_idx [M, K] (local ids)
       --grouped SwiGLU of the local experts, weighted by recv_topk_weights-->  [M, H]
       --combine (unweighted sum over ranks)--> [T, H]  (+ shared experts on x)
 
+* **Routing** follows the configured model's rule (:mod:`flexep.moe.routing`; presets in
+  :mod:`flexep.moe.config`). The gate runs in ``config.router_dtype`` (float32 by default).
 * **Training / prefill** use normal-mode dispatch/combine through :mod:`flexep.autograd`, so
   gradients reach the tokens, the routing weights and every rank's experts. DeepEP's combine
   does not weight: each rank multiplies its local experts' outputs by the received weights and
@@ -14,21 +17,25 @@ Data flow of :class:`MoELayer` on every rank (shape legend below)::
 * **Decode** uses low-latency mode when the ``Buffer`` was built with ``low_latency_mode=True``:
   fixed-capacity per-expert slots, one ``bmm`` over them, and the weighted sum is done by
   ``low_latency_combine``.
+* **Serving with EPLB**: :meth:`MoELayer.rebalance` turns the per-expert counts the layer keeps
+  into a new placement and moves expert weights rank to rank (:mod:`flexep.moe.online`).
 * EP world 1 runs the same code (dispatch and combine over a group of one).
 
 Local experts run as one grouped matmul per projection: received (token, slot) pairs are sorted
-by expert and multiplied segment by segment (``torch._grouped_mm`` where PyTorch has it, a loop
-over segments otherwise). Each expert sees exactly its tokens in global (rank, token) order,
-whatever the EP size, so its matmul shapes and inputs do not depend on how experts are sharded.
+by expert and multiplied segment by segment. Each expert sees exactly its tokens in global
+(rank, token) order, whatever the EP size, so its matmul shapes and inputs do not depend on how
+experts are sharded.
 
-Same outputs at every EP size (train on N ranks, serve on M), whichever rank holds a token and
-however the batch is split: bit for bit with ``slotwise_combine=True``, to float32 rounding
-otherwise (DeepEP's combine adds per-rank partial sums, grouped differently at each EP size).
-Bitwise equality also needs pointwise kernels whose result does not depend on the tensor size
-(:func:`_pointwise`) and GEMM rows that do not depend on the row count. CPU BLAS computes a
-single row with a different kernel (gemv), so on CPU every GEMM gets at least ``MIN_ROWS`` rows
-(:func:`_rows`; an expert segment of 1 token is padded with zero rows); with that the CPU
-kernels tested here give equal rows, which is not promised by every BLAS or GPU library.
+**Bitwise reproducibility.** With ``slotwise_combine=True`` a token's output is the same bits at
+every EP size and under every EPLB placement (replicas included), when each rank holds a
+contiguous shard of the global batch and every row of a matrix product is computed independently
+of the other rows in the call. :mod:`flexep.moe.experts` makes that true for the CPU kernels
+(float32 and bfloat16): it keeps elementwise kernels off their scalar tail and gives a one-row
+product a twin row, because BLAS computes a single row through its matrix-vector path and rounds
+differently (2.4e-7 measured when a replica received one token). GPU and NPU GEMM libraries pick
+kernels by shape and promise no such thing. Without ``slotwise_combine`` (DeepEP's per-rank
+pre-summed combine) outputs agree to float32 rounding: a rank adds the slots it holds before
+the combine, and which slots share a rank changes with the EP size and the placement.
 
 Shape legend: T tokens on this rank, H hidden, I expert intermediate size, K top-k, E logical
 experts, P physical experts (E plus EPLB replicas), W ranks, L = P / W local experts, M tokens
@@ -37,8 +44,7 @@ received by this rank, G expert groups.
 
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -48,128 +54,22 @@ import torch.nn.functional as F
 from .. import autograd
 from ..deepep.buffer import Buffer
 from ..quant import per_token_cast_back
+from . import online
+from .config import MoEConfig
 from .eplb import Placement
+from .experts import (
+    VECTOR_BLOCK,
+    GroupedExperts,
+    SwiGLU,
+    grouped_mm,
+    grouped_mm_loop,
+    linear_rows,
+    seeded_normal,
+)
+from .routing import route
 
-__all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm",
+__all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm", "grouped_mm_loop",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """Sizes and routing hyper-parameters of one MoE layer (DeepSeek-V3 names in brackets).
-
-    Attributes:
-        hidden: H [hidden_size].
-        intermediate: I of each routed expert [moe_intermediate_size].
-        num_experts: E logical routed experts [n_routed_experts].
-        topk: K experts per token [num_experts_per_tok].
-        n_group: G expert groups for group-limited routing [n_group]; 1 disables it.
-        topk_group: groups a token may use [topk_group].
-        routed_scaling_factor: multiplies the normalised routing weights.
-        num_shared_experts: shared experts, run on every token as one SwiGLU of width
-            ``num_shared_experts * intermediate`` [n_shared_experts]; 0 for none.
-        bias_update_speed: step of the aux-loss-free bias update (``gamma`` in the paper).
-    """
-
-    hidden: int
-    intermediate: int
-    num_experts: int
-    topk: int
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    num_shared_experts: int = 0
-    bias_update_speed: float = 1e-3
-
-    def __post_init__(self) -> None:
-        for name in ("hidden", "intermediate", "num_experts", "topk", "n_group", "topk_group"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
-        if self.num_shared_experts < 0:
-            raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.num_experts % self.n_group:
-            raise ValueError(f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
-                             f"n_group ({self.n_group})")
-        if self.topk_group > self.n_group:
-            raise ValueError(f"MoEConfig.topk_group ({self.topk_group}) must be <= n_group "
-                             f"({self.n_group})")
-        reachable = self.topk_group * (self.num_experts // self.n_group)
-        if self.topk > reachable:
-            raise ValueError(f"MoEConfig.topk ({self.topk}) must be <= the experts in topk_group "
-                             f"groups ({self.topk_group} x {self.num_experts // self.n_group} = "
-                             f"{reachable})")
-
-
-# PyTorch's CPU elementwise kernels compute the last ``numel % (2 x vector width)`` elements with
-# scalar code whose exp() can differ from the vector one in the last bit, so an element's value
-# would depend on how many tokens share the call (i.e. on the EP size). Padding the flat tensor to
-# a multiple of this block keeps every element on the vector path.
-_VECTOR_BLOCK = 256
-
-
-def _pointwise(fn, t: torch.Tensor) -> torch.Tensor:
-    """``fn(t)`` for an elementwise ``fn``, with each element's bits independent of ``t.numel()``."""
-    n = t.numel()
-    flat = F.pad(t.reshape(-1), (0, (-n) % _VECTOR_BLOCK))
-    return fn(flat)[:n].view(t.shape)
-
-
-# Fewest rows a CPU GEMM gets (see the module docstring): BLAS takes another path for one row.
-MIN_ROWS = 4
-
-
-def _rows(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for a row-wise ``fn`` (a GEMM), run on at least ``MIN_ROWS`` rows on CPU so that
-    each row's bits do not depend on how many rows share the call."""
-    n = x.size(0)
-    if n >= MIN_ROWS or x.device.type != "cpu":
-        return fn(x)
-    return fn(F.pad(x, (0, 0, 0, MIN_ROWS - n)))[:n]
-
-
-def _seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0) -> torch.Tensor:
-    """A float32 normal tensor from a generator keyed by (seed, name, index): world-size free."""
-    gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{name}:{index}".encode()))
-    return torch.randn(shape, generator=gen) * std
-
-
-def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int = 1,
-                      topk_group: int = 1, routed_scaling_factor: float = 1.0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing of ``logits: [T, E]`` (the gate's ``x @ W.T``).
-
-    1. ``scores = sigmoid(logits)`` in float32.
-    2. Selection uses ``scores + bias`` (``bias: [E]``, aux-loss-free balancing); the bias never
-       enters the weights and receives no gradient.
-    3. Group-limited: experts form ``n_group`` contiguous groups; a group's score is the sum of
-       its two best biased scores (its best one if groups have one expert); only the
-       ``topk_group`` best groups stay eligible.
-    4. The ``topk`` best eligible experts are chosen, best first.
-    5. Weights are their *unbiased* scores, normalised to sum 1, times ``routed_scaling_factor``.
-
-    Returns ``topk_idx: [T, K] int64`` and ``topk_weights: [T, K] float32`` (differentiable
-    with respect to ``logits``).
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
-    num_tokens, num_experts = logits.shape
-    if bias.shape != (num_experts,):
-        raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
-    if num_experts % n_group:
-        raise ValueError(f"the number of experts ({num_experts}) must be divisible by n_group ({n_group})")
-    scores = _pointwise(torch.sigmoid, logits.float())
-    biased = scores.detach() + bias.detach().float()
-    if n_group > 1:
-        grouped = biased.view(num_tokens, n_group, num_experts // n_group)
-        group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1).values.sum(-1)
-        keep = group_scores.topk(topk_group, dim=-1).indices
-        eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        biased = grouped.masked_fill(~eligible.unsqueeze(-1), float("-inf")).flatten(1)
-    topk_idx = biased.topk(topk, dim=-1).indices
-    weights = scores.gather(1, topk_idx)
-    weights = weights / weights.sum(-1, keepdim=True) * routed_scaling_factor
-    return topk_idx, weights
 
 
 def mask_experts(topk_idx: torch.Tensor, topk_weights: torch.Tensor, unavailable: torch.Tensor,
@@ -190,131 +90,56 @@ def mask_experts(topk_idx: torch.Tensor, topk_weights: torch.Tensor, unavailable
     return topk_idx.masked_fill(gone, -1), kept
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Segment matmul: rows ``[offs[e-1], offs[e])`` of ``x: [S, A]`` times ``w[e]: [A, B]``.
+def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int = 1,
+                      topk_group: int = 1, routed_scaling_factor: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing with a correction bias, in float32:
+    ``route(logits.float(), "deepseek_v3", topk, bias=bias, ...)`` (see :func:`flexep.moe.route`).
 
-    ``counts: [L] int64`` rows per segment (summing to S). Returns ``[S, B]``. On CPU uses
-    ``torch._grouped_mm`` when PyTorch provides it and the row strides are multiples of 16 bytes
-    (its requirement), else one ``mm`` per segment; both give the same result (tested). On
-    accelerators the loop runs: their grouped GEMMs have dtype and architecture limits that a
-    device-neutral reference should not guess.
+    Returns ``topk_idx: [T, K] int64`` and ``topk_weights: [T, K] float32``.
     """
-    if x.device.type == "cpu":
-        sizes = counts.tolist()
-        if any(0 < n < MIN_ROWS for n in sizes):
-            return _grouped_mm_padded(x, w, sizes)
-    strides = (*x.stride()[:-1], *w.stride()[:-1])
-    if hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.stride(-1) == 1 \
-            and w.stride(-1) == 1 and all(s * x.element_size() % 16 == 0 for s in strides):
-        return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
-    return grouped_mm_loop(x, w, counts)
-
-
-def _grouped_mm_padded(x: torch.Tensor, w: torch.Tensor, sizes: list) -> torch.Tensor:
-    """:func:`grouped_mm` with every non-empty segment padded to ``MIN_ROWS`` rows (zeros).
-
-    Example (MIN_ROWS 4): sizes ``[1, 0, 5]`` -> rows ``[0, z, z, z, 1, 2, 3, 4, 5]`` (z a zero
-    row); the result keeps positions 0 and 4..8.
-    """
-    pick, keep, offset = [], [], 0
-    for n in sizes:
-        keep += range(len(pick), len(pick) + n)
-        pick += list(range(offset, offset + n)) + [x.size(0)] * (max(n, MIN_ROWS) - n if n else 0)
-        offset += n
-    padded = torch.cat([x, x.new_zeros(1, x.size(1))])[pick]
-    counts = torch.tensor([max(n, MIN_ROWS) if n else 0 for n in sizes], dtype=torch.int64)
-    return grouped_mm(padded, w, counts)[keep]
-
-
-def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The fallback of :func:`grouped_mm`: one ``mm`` per segment."""
-    parts = torch.split(x, counts.tolist())
-    return torch.cat([p @ w[e] for e, p in enumerate(parts)]) if parts else x.new_zeros(0, w.size(-1))
-
-
-class GroupedExperts(torch.nn.Module):
-    """The L SwiGLU experts of this rank: ``down(silu(x @ w_gate) * (x @ w_up))``.
-
-    Parameters: ``w_gate, w_up: [L, H, I]``, ``w_down: [L, I, H]``. ``logical_ids: [L] int64``
-    (buffer) names the logical expert held by each local slot; checkpoints key weights by it.
-    """
-
-    def __init__(self, logical_ids: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                 w_down: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("logical_ids", logical_ids.to(torch.int64).clone(), persistent=False)
-        self.w_gate = torch.nn.Parameter(w_gate)
-        self.w_up = torch.nn.Parameter(w_up)
-        self.w_down = torch.nn.Parameter(w_down)
-
-    @classmethod
-    def seeded(cls, logical_ids: torch.Tensor, hidden: int, intermediate: int, seed: int,
-               dtype: torch.dtype = torch.float32) -> GroupedExperts:
-        """Experts initialised per logical id (a replica is a copy), independent of placement."""
-        def init(name: str, shape: tuple, std: float) -> torch.Tensor:
-            rows = [_seeded_normal(shape, std, seed, f"experts.{name}", e) for e in logical_ids.tolist()]
-            return torch.stack(rows).to(dtype)
-        return cls(logical_ids, init("w_gate", (hidden, intermediate), hidden ** -0.5),
-                   init("w_up", (hidden, intermediate), hidden ** -0.5),
-                   init("w_down", (intermediate, hidden), intermediate ** -0.5))
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``x: [S, H]`` rows sorted by local expert, ``counts: [L] int64`` -> ``[S, H]``."""
-        h = _pointwise(F.silu, grouped_mm(x, self.w_gate, counts)) * grouped_mm(x, self.w_up, counts)
-        return grouped_mm(h, self.w_down, counts)
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [L, C, H]`` fixed-capacity slots -> ``[L, C, H]`` with one ``bmm`` per projection."""
-        h = F.silu(torch.bmm(x, self.w_gate)) * torch.bmm(x, self.w_up)
-        return torch.bmm(h, self.w_down)
-
-
-class SwiGLU(torch.nn.Module):
-    """Dense SwiGLU MLP ``[T, H] -> [T, H]`` (the shared experts), seeded like the experts."""
-
-    def __init__(self, hidden: int, intermediate: int, seed: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.w_gate = torch.nn.Parameter(_seeded_normal((hidden, intermediate), hidden ** -0.5, seed,
-                                                        "shared.w_gate").to(dtype))
-        self.w_up = torch.nn.Parameter(_seeded_normal((hidden, intermediate), hidden ** -0.5, seed,
-                                                      "shared.w_up").to(dtype))
-        self.w_down = torch.nn.Parameter(_seeded_normal((intermediate, hidden), intermediate ** -0.5,
-                                                        seed, "shared.w_down").to(dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rows(lambda x: (_pointwise(F.silu, x @ self.w_gate) * (x @ self.w_up)) @ self.w_down, x)
+    return route(logits.float(), "deepseek_v3", topk, bias=bias, n_group=n_group, topk_group=topk_group,
+                 routed_scaling_factor=routed_scaling_factor)
 
 
 class MoELayer(torch.nn.Module):
-    """Expert-parallel DeepSeek-V3 MoE layer over a flexep :class:`~flexep.Buffer`.
+    """Expert-parallel MoE layer over a flexep :class:`~flexep.Buffer`, routed as ``config`` says.
 
     Args:
-        config: :class:`MoEConfig`.
+        config: :class:`MoEConfig` (e.g. ``MoEConfig.preset("qwen3-30b-a3b")``).
         buffer: the EP ``Buffer``; its group's size W must divide the physical expert count.
             Build it with ``low_latency_mode=True`` to decode through low-latency kernels.
         placement: EPLB :class:`~flexep.eplb.Placement` mapping logical experts to physical
             replicas (default: one replica each, expert e on rank ``e // (E/W)``). Replicas
-            are copies; training keeps the default (replica gradients are not synchronised).
+            are copies; to train with replicas call :func:`flexep.moe.sync_replica_grads` after
+            backward (every copy then gets the whole expert's gradient).
         seed: initial weights come from generators keyed by (seed, parameter, logical expert),
             so the same seed gives the same model at every EP size and placement.
-        dtype: parameter dtype (router scores and combine accumulate in float32 regardless).
+        dtype: parameter dtype (routing runs in ``config.router_dtype``, combine accumulates in
+            float32).
         slotwise_combine: return one row per (token, top-k slot) instead of one pre-summed row
             per token (K combines instead of one). The slot sum then runs at the source in slot
-            order, so outputs are bitwise independent of EP size and placement, for K times the
-            combine bytes.
+            order, so outputs are bitwise independent of EP size and placement (conditions in
+            the module docstring), for K times the combine bytes. In low-latency mode it runs
+            one weighted combine per slot (the other slots' weights zero) for the same result.
         num_max_dispatch_tokens_per_rank: capacity of low-latency decode (tokens per rank).
         fp8_decode: low-latency dispatch sends FP8 e4m3 with per-128-channel scales (DeepEP's
             default, half the bytes of bf16); experts run on the dequantised tokens. Needs
             ``hidden % 128 == 0``.
 
-    ``forward(x: [T, H]) -> [T, H]``. Routing statistics accumulate in ``tokens_per_expert``
-    (``[E] int64``, this rank's tokens) until :meth:`update_routing_bias`.
+    ``forward(x: [T, H]) -> [T, H]``. Statistics (non-persistent buffers): ``tokens_per_expert``
+    (``[E] int64``, the (token, expert) choices of this rank's tokens; consumed by
+    :meth:`update_routing_bias` and :meth:`rebalance`) and ``tokens_per_slot`` (``[L] int64``,
+    (token, slot) pairs this rank's expert slots served since the placement took effect; its sum
+    is this rank's load).
     """
 
     def __init__(self, config: MoEConfig, buffer: Buffer, *, placement: Optional[Placement] = None,
                  seed: int = 0, dtype: torch.dtype = torch.float32, slotwise_combine: bool = False,
                  num_max_dispatch_tokens_per_rank: int = 128, fp8_decode: bool = False) -> None:
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         if not isinstance(buffer, Buffer):
             raise TypeError(f"buffer must be a flexep.Buffer, got {type(buffer).__name__}")
         world, rank = buffer.group_size, buffer.rank
@@ -323,11 +148,9 @@ class MoELayer(torch.nn.Module):
                 raise ValueError(f"config.num_experts ({config.num_experts}) must be divisible by "
                                  f"the EP group size ({world})")
             placement = Placement.identity(config.num_experts, world)
-        if placement.num_logical != config.num_experts or placement.num_ranks != world:
-            raise ValueError(f"placement is for {placement.num_logical} experts on "
-                             f"{placement.num_ranks} ranks, expected {config.num_experts} experts on "
-                             f"{world} ranks")
-        self.config, self.buffer, self.placement = config, buffer, placement
+        self.config, self.buffer = config, buffer
+        self._check_placement(placement)
+        self.placement = placement
         self.slotwise_combine = bool(slotwise_combine)
         self.num_max_dispatch_tokens_per_rank = int(num_max_dispatch_tokens_per_rank)
         if fp8_decode and config.hidden % 128:
@@ -335,15 +158,20 @@ class MoELayer(torch.nn.Module):
                              f"got hidden={config.hidden}")
         self.fp8_decode = bool(fp8_decode)
         local = placement.experts_per_rank
-        self.gate_weight = torch.nn.Parameter(_seeded_normal(
-            (config.num_experts, config.hidden), config.hidden ** -0.5, seed, "gate").to(dtype))
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
-        self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64),
-                             persistent=False)
+        e, h = config.num_experts, config.hidden
+        self.gate_weight = torch.nn.Parameter(seeded_normal((e, h), h ** -0.5, seed, "gate").to(dtype))
+        self.gate_bias = (torch.nn.Parameter(seeded_normal((e,), 0.1, seed, "gate_bias").to(dtype))
+                          if config.router_bias else None)
+        if config.has_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        else:
+            self.e_score_correction_bias = None
+        self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.int64), persistent=False)
+        self.register_buffer("tokens_per_slot", torch.zeros(local, dtype=torch.int64), persistent=False)
         self.experts = GroupedExperts.seeded(placement.physical_to_logical[rank * local:(rank + 1) * local],
-                                             config.hidden, config.intermediate, seed, dtype)
-        self.shared = (SwiGLU(config.hidden, config.num_shared_experts * config.intermediate, seed, dtype)
-                       if config.num_shared_experts else None)
+                                             h, config.intermediate, seed, dtype)
+        self.shared = (SwiGLU(h, config.num_shared_experts * config.intermediate, seed, dtype,
+                              gated=config.shared_expert_gate) if config.num_shared_experts else None)
         self.unavailable: Optional[torch.Tensor] = None  # [E] bool, see set_unavailable
         self.renormalize_unavailable = False
 
@@ -358,68 +186,99 @@ class MoELayer(torch.nn.Module):
             self.unavailable[experts] = True
         self.renormalize_unavailable = bool(renormalize)
 
+    def _check_placement(self, placement: Placement) -> None:
+        world, experts = self.buffer.group_size, self.config.num_experts
+        if not isinstance(placement, Placement):
+            raise TypeError(f"placement must be a flexep.eplb.Placement, got {type(placement).__name__}")
+        if placement.num_logical != experts or placement.num_ranks != world:
+            raise ValueError(f"placement is for {placement.num_logical} experts on {placement.num_ranks} "
+                             f"ranks, expected {experts} experts on {world} ranks")
+
     # ---- routing ---------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x: [T, H]`` -> logical ``topk_idx [T, K] int64``, ``topk_weights [T, K] float32``."""
+        """``x: [T, H]`` -> logical ``topk_idx [T, K] int64``, ``topk_weights [T, K] float32``.
+
+        The gate (``x @ gate_weight.T`` plus ``gate_bias``) runs in ``config.router_dtype``;
+        the rule's weights are widened to float32 exactly. The logits are padded with zero
+        rows to a whole vector block, so a sigmoid's bits do not depend on T (rows are routed
+        independently, so the padding changes nothing else).
+        """
         c = self.config
-        # The gate runs in float32 whatever the model dtype: routing decisions are discrete, and
-        # bf16 logits would flip near-ties.
-        logits = _rows(lambda x: F.linear(x, self.gate_weight.float()), x.float())
-        return deepseek_v3_route(logits, self.e_score_correction_bias, c.topk, c.n_group, c.topk_group,
-                                 c.routed_scaling_factor)
+        dt = c.router_dtype
+        bias = self.gate_bias.to(dt) if self.gate_bias is not None else None
+        logits = linear_rows(x.to(dt), self.gate_weight.to(dt), bias)
+        num_tokens = logits.size(0)
+        pad = (-num_tokens) % (VECTOR_BLOCK // math.gcd(c.num_experts, VECTOR_BLOCK))
+        idx, weights = route(F.pad(logits, (0, 0, 0, pad)), c.routing, c.topk,
+                             bias=self.e_score_correction_bias, n_group=c.n_group, topk_group=c.topk_group,
+                             renormalize=c.renormalizes, routed_scaling_factor=c.routed_scaling_factor)
+        return idx[:num_tokens], weights[:num_tokens].float()
 
     @torch.no_grad()
     def update_routing_bias(self) -> torch.Tensor:
         """Aux-loss-free balancing step (collective over the buffer's group).
 
-        Sums ``tokens_per_expert`` over the group, moves each expert's bias by
-        ``bias_update_speed`` towards the mean load (up if under-loaded, down if over-loaded),
-        resets the counters and returns the global load ``[E] int64`` (EPLB statistics).
+        Sums ``tokens_per_expert`` over the group, moves each expert's correction bias (if the
+        config has one) by ``bias_update_speed`` towards the mean load (up if under-loaded,
+        down if over-loaded), resets the counters and returns the global load ``[E] int64``.
         """
-        load = self.tokens_per_expert.clone()
-        dist.all_reduce(load, group=self.buffer.group)
-        self.e_score_correction_bias += self.config.bias_update_speed * torch.sign(
-            load.double().mean() - load.double()).float()
-        self.tokens_per_expert.zero_()
+        load = self.collect_load()
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias += self.config.bias_update_speed * torch.sign(
+                load.double().mean() - load.double()).float()
         return load
 
     @torch.no_grad()
-    def apply_placement(self, placement: Placement) -> None:
+    def collect_load(self) -> torch.Tensor:
+        """``tokens_per_expert`` summed over the group (``[E] int64``), then reset (collective)."""
+        load = self.tokens_per_expert.clone()
+        dist.all_reduce(load, group=self.buffer.group)
+        self.tokens_per_expert.zero_()
+        return load
+
+    # ---- placement -------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_placement(self, placement: Placement) -> online.Moved:
         """Move the expert weights to a new EPLB placement (collective over the buffer's group).
 
-        Every rank must pass the same placement (e.g. :func:`~flexep.eplb.rebalance` of the load
-        :meth:`update_routing_bias` returned). Each new slot receives its logical expert from
-        the rank holding that expert's first replica now, in one ``all_to_all_single`` of whole
-        expert rows. The expert parameters are replaced, so optimizer state does not carry over:
-        an inference-time operation (train with one replica per expert).
+        Every rank must pass the same placement (checked: a difference raises
+        :class:`~flexep.errors.RankMismatchError` on every rank before anything moves). Each
+        new slot copies its expert from this rank if it already holds it, else from a replica
+        on its node, else from the lowest rank holding one, through
+        :func:`flexep.moe.weights.fetch_rows` (each expert crosses to a rank at most once).
+        Parameters are replaced, so optimizer state does not carry over: an inference-time
+        operation (train with one replica per expert). Returns the rows and bytes moved.
         """
-        world, rank = self.buffer.group_size, self.buffer.rank
-        if placement.num_logical != self.config.num_experts or placement.num_ranks != world:
-            raise ValueError(f"placement is for {placement.num_logical} experts on "
-                             f"{placement.num_ranks} ranks, expected {self.config.num_experts} "
-                             f"experts on {world} ranks")
-        ex, old_local, new_local = self.experts, self.placement.experts_per_rank, placement.experts_per_rank
-        source_slot = self.placement.logical_to_physical[:, 0].tolist()  # [E] global slot
-        wanted = placement.physical_to_logical.view(world, new_local).tolist()
-        rows = torch.cat([ex.w_gate.flatten(1), ex.w_up.flatten(1), ex.w_down.flatten(1)], 1)
-        # Send, per destination in its slot order, the experts whose source slot is here; receive
-        # grouped by source rank (all_to_all order), in this rank's slot order inside a group.
-        source_rank = [slot // old_local for slot in source_slot]
-        send = [[source_slot[e] - rank * old_local for e in wanted[d] if source_rank[e] == rank]
-                for d in range(world)]
-        mine = sorted(range(new_local), key=lambda j: (source_rank[wanted[rank][j]], j))
-        recv_counts = [sum(source_rank[e] == s for e in wanted[rank]) for s in range(world)]
-        received = rows.new_empty(new_local, rows.size(1))
-        dist.all_to_all_single(received, rows[sum(send, [])].contiguous(), recv_counts,
-                               [len(d) for d in send], group=self.buffer.group)
-        moved = torch.empty_like(received)
-        moved[mine] = received
-        h, i = self.config.hidden, self.config.intermediate
-        gate, up, down = moved.split([h * i, h * i, i * h], 1)
-        self.experts = GroupedExperts(placement.physical_to_logical[rank * new_local:(rank + 1) * new_local],
-                                      gate.reshape(new_local, h, i), up.reshape(new_local, h, i),
-                                      down.reshape(new_local, i, h))
+        self._check_placement(placement)
+        moved = online.move_experts(self.buffer.comm, self.placement, placement, self.experts)
+        self.experts = moved.experts
         self.placement = placement
+        self.tokens_per_slot = torch.zeros(placement.experts_per_rank, dtype=torch.int64,
+                                           device=self.tokens_per_slot.device)
+        return moved.report
+
+    def rebalance(self, load: Optional[torch.Tensor] = None, *, num_physical: Optional[int] = None,
+                  num_groups: Optional[int] = None, num_nodes: Optional[int] = None, refine: bool = True,
+                  min_improvement: float = 0.0) -> online.RebalanceReport:
+        """Re-place the experts for the load observed while serving, and move them (collective).
+
+        Args:
+            load: ``[E]`` per-expert load; default: :meth:`collect_load` (the tokens routed
+                since the last call, summed over the group; the counters restart).
+            num_physical: P of the new placement (default: the current one).
+            num_groups: expert groups for the hierarchical policy (default ``config.n_group``).
+            num_nodes: nodes of the EP group (default: the buffer's topology).
+            refine: flexep's refined placement (True) or DeepSeek's greedy one.
+            min_improvement: move only if the busiest rank's expected load drops by at least
+                this fraction (0: whenever it drops at all).
+
+        Returns a :class:`~flexep.moe.online.RebalanceReport` (imbalance before and after,
+        rows and bytes moved). Outputs do not change (bitwise with ``slotwise_combine``).
+        """
+        if load is None:
+            load = self.collect_load()
+        return online.rebalance_layer(self, load, num_physical=num_physical, num_groups=num_groups,
+                                      num_nodes=num_nodes, refine=refine, min_improvement=min_improvement)
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, low_latency: Optional[bool] = None) -> torch.Tensor:
@@ -456,18 +315,29 @@ class MoELayer(torch.nn.Module):
         pos = pos[torch.sort(flat[pos], stable=True).indices]
         rows, slots = pos // k, pos % k
         counts = torch.bincount(flat[pos], minlength=self.placement.experts_per_rank)
+        with torch.no_grad():
+            self.tokens_per_slot += counts
         # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
         # combine accumulates); for float32 models this is plain float32 arithmetic.
         y = self.experts(recv_x[rows], counts).float() * recv_w[rows, slots].unsqueeze(1)
-        per_slot = y.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
         if self.slotwise_combine:
             # One combine per slot: each sums one non-zero row (the slot's expert lives on one
             # rank) with zeros, which is exact. (Buffer.combine keeps the dispatch's hidden
             # size, so the K slots cannot travel as one [M, K*H] row.)
+            per_slot = y.new_zeros(m * k, x.size(1)).index_put((pos,), y).view(m, k, x.size(1))
             outs = [autograd.combine(self.buffer, per_slot[:, j].to(x.dtype).contiguous(), handle)
                     for j in range(k)]
             return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
-        return autograd.combine(self.buffer, _sum_slots(per_slot).to(x.dtype), handle)
+        # Slot by slot into one [M, H] accumulator: the same additions in the same order as summing
+        # a zero-filled [M, K, H] over K (a missing slot adds an exact zero), without that buffer.
+        by_slot = torch.sort(slots, stable=True).indices
+        summed = y.new_zeros(m, x.size(1))
+        start = 0
+        for n in torch.bincount(slots, minlength=k).tolist():
+            part = by_slot[start:start + n]
+            summed = summed.index_add(0, rows[part], y[part])
+            start += n
+        return autograd.combine(self.buffer, summed.to(x.dtype), handle)
 
     def _routed_low_latency(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor) -> torch.Tensor:
@@ -476,9 +346,10 @@ class MoELayer(torch.nn.Module):
                                "torch.no_grad() / torch.inference_mode(), or pass low_latency=False")
         if not self.buffer.low_latency_mode:
             raise ValueError("low_latency=True needs a Buffer built with low_latency_mode=True")
-        recv_x, _count, handle, _event, _hook = self.buffer.low_latency_dispatch(
+        recv_x, count, handle, _event, _hook = self.buffer.low_latency_dispatch(
             x, topk_idx, self.num_max_dispatch_tokens_per_rank, self.placement.num_physical,
             use_fp8=self.fp8_decode)
+        self.tokens_per_slot += count.to(torch.int64)
         if isinstance(recv_x, tuple):  # (e4m3 [L, W*M, H], float32 scales [L, W*M, H/128])
             recv_x = per_token_cast_back(*recv_x, dtype=x.dtype)
         # Static shapes (CUDA-graph friendly): every slot is computed, the combine reads only

@@ -15,8 +15,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .event import EventHandle, EventOverlap
-from .quant import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, unpack_ue8m0
+from ..event import EventHandle, EventOverlap
+from ..quant import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, unpack_ue8m0
 
 __all__ = ["EventHandle", "EventOverlap", "per_token_cast_to_fp8", "per_token_cast_back", "pack_ue8m0",
            "unpack_ue8m0", "calc_diff", "hash_tensor", "align_up", "inplace_unique",

@@ -1,0 +1,3 @@
+"""``deep_ep.buffers.allocator`` (V2.5), from flexep."""
+
+from flexep import BufferAllocator  # noqa: F401

@@ -1,0 +1,3 @@
+"""``deep_ep.buffers.base`` (V2.5), from flexep."""
+
+from flexep import BufferBase  # noqa: F401

@@ -1,0 +1,3 @@
+"""``deep_ep.buffers.elastic`` (V2.0), from flexep."""
+
+from flexep import ElasticBuffer, EPHandle  # noqa: F401

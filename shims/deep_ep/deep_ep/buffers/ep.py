@@ -1,0 +1,3 @@
+"""``deep_ep.buffers.ep`` (V2.5), from flexep."""
+
+from flexep import EPBuffer, EPHandle  # noqa: F401
