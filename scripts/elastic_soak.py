@@ -30,8 +30,8 @@ from flexep.launch import free_port, run_local  # noqa: E402
 
 PHASES = {"normal": ["before_header", "after_header", "before_payload", "after_payload", "after_rail",
                      "after_intra", "timer"],
-          "ll": ["before_header", "after_header", "before_payload", "after_ll_dispatch", "before_recv_hook",
-                 "before_weights", "after_ll_weights", "after_ll_combine", "timer"]}
+          "ll": ["before_payload", "after_ll_dispatch", "before_recv_hook", "before_weights",
+                 "after_ll_weights", "after_ll_combine", "timer"]}  # checks travel in-band: no header
 
 
 def scenario(rng: random.Random) -> dict:

@@ -5,9 +5,10 @@ generated token equals the fault-free decode bit for bit.
 Each scenario is one spawn of ``tests/elastic_workload.py`` (read its docstring for the workload,
 the frontend and the fault actions); several faults run in sequence inside one spawn to keep the
 tier short. The oracle is the same decode at EP size 1 in this process (``slotwise_combine``
-makes tokens independent of EP size, placement and batch). Phases covered: before the header,
-between header and payload, inside combine (normal payload, low-latency weights round), between
-a low-latency send and its receive hook; normal and low-latency mode; world 4 and 2 virtual
+makes tokens independent of EP size, placement and batch). Phases covered: before the control
+round (header), between header and payload, inside combine (normal payload, low-latency weights
+round), between a low-latency send and its receive hook (low-latency calls check in-band, in
+the payload, so they have no separate header); normal and low-latency mode; world 4 and 2 virtual
 nodes x 2; one and two ranks at once; rank 0 (which hosted the store before the launcher did);
 a frozen rank that wakes after being excluded and rejoins; a replacement process.
 
@@ -102,14 +103,15 @@ def test_two_virtual_nodes_lose_a_rank_each_inside_combine_then_a_replacement_jo
 
 @pytest.mark.timeout(240)
 def test_frozen_rank_zero_wakes_excluded_and_rejoins(ckpt):
-    """LL: rank 0 freezes (SIGSTOP) before a header; the others time out, exclude it and go on;
-    woken (SIGCONT) it gets StaleGenerationError, rejoins as member 4 and is admitted. Later rank
-    2 is SIGKILLed between the header and the payload of a dispatch."""
-    spec = dict(mode="ll", wait_joiners={2: 1},
+    """Normal mode: rank 0 freezes (SIGSTOP) before a control round; the others time out, exclude
+    it and go on; woken (SIGCONT) it gets StaleGenerationError, rejoins as member 4 and is
+    admitted. Later rank 2 is SIGKILLed between the control round and the payload of a dispatch.
+    (Low-latency calls carry their checks in the payload: they have no separate header.)"""
+    spec = dict(mode="normal", wait_joiners={2: 1},
                 faults=[dict(member=0, iteration=1, phase="before_header", action="stop"),
                         dict(member=2, iteration=4, phase="after_header", action="kill")])
     reports = _finished(_run(spec, ckpt), [1, 3, 4])
-    _check_tokens(reports, oracle("ll"))
+    _check_tokens(reports, oracle("normal"))
     rejoined = next(r for r in reports if r["member"] == 4)
     assert len(rejoined["excluded"]) == 1 and "member 0 was excluded: generation 1" in rejoined["excluded"][0]
     for rep in reports:

@@ -30,9 +30,9 @@ experts are sharded.
 every EP size and under every EPLB placement (replicas included), when each rank holds a
 contiguous shard of the global batch and every row of a matrix product is computed independently
 of the other rows in the call. :mod:`flexep.moe.experts` makes that true for the CPU kernels
-(float32 and bfloat16): it keeps elementwise kernels off their scalar tail and gives a one-row
-product a twin row, because BLAS computes a single row through its matrix-vector path and rounds
-differently (2.4e-7 measured when a replica received one token). GPU and NPU GEMM libraries pick
+(float32 and bfloat16): it keeps elementwise kernels off their scalar tail and gives every
+matrix product at least 4 rows, because BLAS computes one or two rows through other paths and
+rounds differently (2.4e-7 measured when a replica received one token). GPU and NPU GEMM libraries pick
 kernels by shape and promise no such thing. Without ``slotwise_combine`` (DeepEP's per-rank
 pre-summed combine) outputs agree to float32 rounding: a rank adds the slots it holds before
 the combine, and which slots share a rank changes with the EP size and the placement.
