@@ -248,3 +248,50 @@ def oracle(mode: str, masks: dict = None) -> torch.Tensor:
             x = F.rms_norm(layer(x, low_latency=mode == "ll"), (CFG.hidden,))
             tokens[:, n] = x
     return tokens
+
+
+def shrink_inputs(member: int) -> torch.Tensor:
+    """``[4, H]`` the tokens member ``member`` decodes at every step of :func:`shrink_worker`."""
+    return torch.randn(4, CFG.hidden, generator=torch.Generator().manual_seed(500 + member))
+
+
+def shrink_worker(rank: int, world: int, spec: dict) -> dict:
+    """Low-latency steps on shrink-mode Buffers (``enable_shrink=True``) through
+    :meth:`ElasticMoE.run`: a lost peer is masked inside the step (DeepEP's semantics) and the
+    membership changes after it. Returns this member's output and masked experts per step."""
+    atexit.register(os._exit, 0)
+    dist.barrier()
+    ep = ElasticEP(timeout=spec["timeout"])
+    faults = Faults(rank, spec["faults"], ep.store)
+
+    def build(gen, placement):
+        hint = Buffer.get_low_latency_rdma_size_hint(CAPACITY, CFG.hidden, gen.world, placement.num_physical)
+        buf = Buffer(gen.group, num_rdma_bytes=hint, low_latency_mode=True, enable_shrink=True,
+                     _fault_hook=faults, **gen.buffer_kwargs())
+        return MoELayer(CFG, buf, placement=placement, seed=SEED, slotwise_combine=True,
+                        num_max_dispatch_tokens_per_rank=CAPACITY)
+
+    moe = ElasticMoE(ep, build, initial_placement(world, 0), load=LOAD, policy=spec["policy"],
+                     checkpoint=spec["checkpoint"])
+    ep.join()
+    x, outs, masks = shrink_inputs(rank), [], []
+    for step in range(spec["steps"]):
+        faults.arm(step)
+        moe.policy = spec.get("policy_at", {}).get(step, moe.policy)
+        with torch.no_grad():
+            outs.append(moe.run(lambda: moe(x, low_latency=True)))
+        masks.append(sorted(moe.masked))
+    ep.leave()
+    return dict(member=ep.member, outs=outs, masks=masks, world=ep.world,
+                history=[c.__dict__ for c in ep.history])
+
+
+def shrink_oracle(member: int, masks: list) -> list:
+    """The single-process low-latency decode of :func:`shrink_inputs` with those experts masked."""
+    layer = layer_for(dist.group.WORLD, "ll", initial_placement(1, 0))
+    outs = []
+    with torch.no_grad():
+        for masked in masks:
+            layer.set_unavailable(masked)
+            outs.append(layer(shrink_inputs(member), low_latency=True))
+    return outs

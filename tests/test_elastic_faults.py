@@ -10,7 +10,8 @@ round (header), between header and payload, inside combine (normal payload, low-
 round), between a low-latency send and its receive hook (low-latency calls check in-band, in
 the payload, so they have no separate header); normal and low-latency mode; world 4 and 2 virtual
 nodes x 2; one and two ranks at once; rank 0 (which hosted the store before the launcher did);
-a frozen rank that wakes after being excluded and rejoins; a replacement process.
+a frozen rank that wakes after being excluded and rejoins; a replacement process; DeepEP's
+shrink mode (a lost peer masked inside the failing low-latency step).
 
 Stated bounds, with T the timeout (3 s): a lost rank is detected within T + the roll-call window
 (1 s) + a margin for this loaded box, a death usually far sooner (its sockets close); the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from elastic_workload import initial_placement, layer_for, oracle, serve_worker
+from elastic_workload import initial_placement, layer_for, oracle, serve_worker, shrink_oracle, shrink_worker
 
 from flexep import checkpoint
 from flexep.launch import run_local
@@ -140,3 +141,27 @@ def test_mask_and_renormalize_policies_then_restore(ckpt):
     _check_tokens(reports, oracle("normal", masks))
     assert not torch.equal(reports[0]["tokens"], oracle("normal")), "masking must change the tokens"
 
+
+
+@pytest.mark.timeout(240)
+def test_shrink_mode_masks_the_failing_step_then_regroups(ckpt):
+    """Low-latency steps on shrink-mode Buffers (DeepEP's enable_shrink): rank 3 is SIGKILLed
+    before a dispatch; the survivors' step does not raise, it masks rank 3 after the timeout
+    (its experts 6, 7 contribute zero, as in DeepEP) and the mask policy keeps that answer; the
+    group is re-formed without rank 3 and later steps route around 6 and 7. Under the rerun
+    policy rank 2's later loss is masked the same way, but that step is re-run on the new
+    group with every expert restored, so it equals the fault-free decode."""
+    spec = dict(policy="mask", policy_at={3: "rerun"}, steps=5, checkpoint=ckpt, timeout=T,
+                faults=[dict(member=3, iteration=1, phase="before_payload", action="kill"),
+                        dict(member=2, iteration=3, phase="before_payload", action="kill")])
+    reports = _finished(run_local(shrink_worker, 4, (spec,), timeout=SPAWN_LIMIT, allow_failures=True),
+                        [0, 1])
+    for rep in reports:
+        assert rep["masks"] == [[], [6, 7], [6, 7], [], []], rep["masks"]
+        expected = shrink_oracle(rep["member"], rep["masks"])
+        for step, (got, want) in enumerate(zip(rep["outs"], expected)):
+            assert torch.equal(got, want), (rep["member"], step)
+        assert not torch.equal(rep["outs"][1], shrink_oracle(rep["member"], [[]])[0])  # really masked
+        failures = [c for c in rep["history"] if c["kind"] == "failure"]
+        assert [sorted(c["lost"]) for c in failures] == [[3], [2]] and rep["world"] == 2
+        assert all("shrink mode" in c["error"] for c in failures), failures

@@ -185,16 +185,32 @@ class ElasticEP:
         self._callbacks.append(callback)
 
     # ---- running steps ---------------------------------------------------------------------
-    def run(self, step: Callable[[], T]) -> T:
-        """``step()``, re-run on a new membership after each peer failure (see module doc)."""
+    def run(self, step: Callable[[], T], *, lost: Optional[Callable[[], Sequence[int]]] = None,
+            keep_result: bool = False) -> T:
+        """``step()``, re-run on a new membership after each peer failure (see module doc).
+
+        ``lost()``, asked after a step that returned, names EP ranks the step went on without
+        (DeepEP's shrink mode masks a silent peer instead of raising); the membership then
+        changes without them, and the step's result is kept (``keep_result``) or the step is
+        re-run on the new group.
+        """
         for _ in range(self.max_changes + 1):
             start = time.monotonic()
             try:
-                return step()
+                out = step()
             except Exception as exc:  # noqa: BLE001 - only failures are handled, others re-raised
                 if not is_failure(exc):
                     raise
                 self.recover(exc, failed_after=time.monotonic() - start)
+                continue
+            gone = list(lost()) if lost is not None else []
+            if not gone:
+                return out
+            self.recover(PeerFailureError(f"rank {self.rank} went on without masked rank(s) {gone} "
+                                          "(shrink mode)", op="step", phase="mask", ranks=gone),
+                         failed_after=time.monotonic() - start)
+            if keep_result:
+                return out
         raise RuntimeError(f"gave up after {self.max_changes} membership changes in one step")
 
     def recover(self, error: BaseException, failed_after: float = 0.0) -> None:

@@ -16,7 +16,9 @@ over, collectively:
      ``slotwise_combine=True``). Without a checkpoint a lost expert is an error.
    * ``"mask"``: DeepEP's shrink semantics: the expert is masked, its slots contribute zero and
      the other top-k weights are unchanged (no checkpoint read; outputs differ from a
-     fault-free run for every token that chose a masked expert).
+     fault-free run for every token that chose a masked expert). With shrink-mode Buffers
+     (``enable_shrink=True``) the failing low-latency step itself already runs masked, and
+     :meth:`ElasticMoE.run` keeps its result instead of re-running it.
    * ``"renormalize"``: masked as above, the surviving top-k weights rescaled to keep their sum.
 
    :meth:`ElasticMoE.restore` later fills masked experts from the checkpoint and unmasks them.
@@ -26,7 +28,7 @@ All layers of the module share one placement (they are built by ``build`` with i
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -39,6 +41,8 @@ from .ep import ElasticEP
 from .group import Generation
 
 __all__ = ["ElasticMoE", "POLICIES"]
+
+T = TypeVar("T")
 
 POLICIES = ("rerun", "mask", "renormalize")
 _EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
@@ -85,6 +89,25 @@ class ElasticMoE:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def run(self, step: Callable[[], T]) -> T:
+        """:meth:`ElasticEP.run` for a step of this model, aware of shrink mode: with Buffers
+        built with ``enable_shrink=True`` a lost peer is masked inside the low-latency calls
+        instead of raising (DeepEP's semantics: its experts contribute zero to that step); the
+        membership then changes at the end of the step. The ``"mask"`` policy keeps that step's
+        result (exactly DeepEP's answer); the other policies re-run it on the new group."""
+        return self.ep.run(step, lost=self.masked_peers, keep_result=self.policy == "mask")
+
+    def masked_peers(self) -> list[int]:
+        """EP ranks a shrink-mode Buffer of the module has masked (empty without shrink mode)."""
+        masked: set = set()
+        for layer in _layers(self.module).values() if self.module is not None else ():
+            buf = layer.buffer
+            if buf.enable_shrink:
+                status = torch.zeros(buf.group_size, dtype=torch.int32)
+                buf.low_latency_query_mask_buffer(status)
+                masked |= {r for r, m in enumerate(status.tolist()) if m}
+        return sorted(masked)
 
     def _built(self, gen: Generation, placement: Placement) -> torch.nn.Module:
         module = self.build(gen, placement)
