@@ -24,8 +24,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["BACKENDS", "backend_for", "device_module", "has_streams", "current_stream", "new_stream",
-           "stream_scope", "default_device", "group_devices", "group_carries"]
+__all__ = ["BACKENDS", "backend_for", "device_of", "device_module", "has_streams", "current_stream",
+           "new_stream", "stream_scope", "default_device", "group_devices", "group_carries"]
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl", "cpu": "gloo"}
 
@@ -36,6 +36,12 @@ def backend_for(device_type: str) -> str:
         raise ValueError(f"no known collective backend for device type {device_type!r}; expected one "
                          f"of {sorted(BACKENDS)} (or pass the backend explicitly)")
     return BACKENDS[device_type]
+
+
+def device_of(x) -> Optional[torch.device]:
+    """The device of ``x`` (a tensor, or a tuple whose first item is one), else None."""
+    t = x[0] if isinstance(x, (tuple, list)) and x else x
+    return t.device if isinstance(t, torch.Tensor) else None
 
 
 def device_module(device: Optional[torch.device]) -> Optional[ModuleType]:

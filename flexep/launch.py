@@ -54,8 +54,10 @@ def free_port() -> int:
 # Set in every worker before it starts (the caller's environment wins over these defaults):
 # one thread per rank, since ranks share the cores; transparent huge pages for large tensors,
 # which PyTorch reads once at its first allocation and which makes first-touching a fresh 50 MB
-# receive buffer about 4x cheaper on CPU.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+# receive buffer about 4x cheaper on CPU; and no warning from the CPU wheel of torch that NumPy
+# is missing (flexep does not use NumPy), printed once per worker otherwise.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1",
+              "PYTHONWARNINGS": "ignore:Failed to initialize NumPy:UserWarning"}
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """The algorithm contract: frozen requests in, frozen results and handles out.
 
+(Longer than the package's other modules on purpose: every type an algorithm takes or returns,
+for every mode, sits here next to the one shape legend, so the contract reads in one place.)
+
 Every exchange algorithm is an object built once with its process groups (flat, hierarchical,
 low-latency) and satisfies :class:`NormalAlgorithm` or :class:`LowLatencyAlgorithm`. The core
 (:mod:`flexep.core.communicator`) validates a request, runs the call's control round and hands

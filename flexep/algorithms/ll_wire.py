@@ -138,7 +138,10 @@ def send_index(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, capacit
     num_tokens = topk_idx.size(0)
     local = num_experts // num_ranks
     dev = topk_idx.device
-    owner = torch.where(topk_idx >= 0, torch.div(topk_idx, local, rounding_mode="floor"), num_ranks)
+    # Ids outside [0, E) (only possible unchecked, validate=None on an accelerator) select nothing:
+    # they land in the spare column, like -1, instead of indexing out of bounds on the device.
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
+    owner = torch.where(valid, torch.div(topk_idx, local, rounding_mode="floor"), num_ranks)
     # Unused slots hit a spare column that is dropped: no mask, no host sync.
     hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=dev)
     hit.scatter_(1, owner, True)
@@ -161,10 +164,14 @@ def _cast_fp8_into(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, round
     num_tokens, hidden = x.shape
     work = alloc("ll_cast", (num_tokens, hidden // 128, 128), torch.float32, x.device)
     work.copy_(x.view(num_tokens, hidden // 128, 128))
-    scale = work.abs().amax(-1).clamp_min_(1e-4).div_(FP8_MAX)
+    amax = work.abs().amax(-1).clamp_min_(1e-4)
     if round_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    work.div_(scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+        work.div_(scale.unsqueeze(-1))
+    else:
+        scale = amax / FP8_MAX
+        work.mul_((FP8_MAX / amax).unsqueeze(-1))
+    work.clamp_(-FP8_MAX, FP8_MAX)
     q.copy_(work.view(num_tokens, hidden))
     scales.copy_(pack_ue8m0(scale) if use_ue8m0 else scale)
 

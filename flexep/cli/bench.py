@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..comm.objects import all_gather_object
 from ..deepep.buffer import Buffer
 from .common import (
     add_run_args,
@@ -42,6 +41,7 @@ from .common import (
     under_torchrun,
     write_json,
 )
+from .raw import naive_exchange, raw_a2a, raw_buffers
 
 __all__ = ["BenchConfig", "run_bench", "main", "add_args", "run", "format_table"]
 
@@ -85,27 +85,6 @@ def _routing(cfg: BenchConfig, rank: int, device: torch.device) -> tuple:
     return x.to(device), topk_idx.to(device), topk_w.float().to(device)
 
 
-def _naive(buf_group, x, topk_idx, topk_w, experts, rank, world):
-    """Megatron-style: one row per (token, expert), exchanged, then weighted-reduced on return."""
-    local = experts // world
-    flat = topk_idx.flatten()
-    valid = (flat >= 0).nonzero().squeeze(1)
-    order = valid[torch.argsort(flat[valid], stable=True)]
-    token_of = order // topk_idx.size(1)
-    send_counts = torch.bincount(flat[order] // local, minlength=world)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=buf_group)
-    sc, rc = send_counts.tolist(), recv_counts.tolist()
-    send = x.index_select(0, token_of)
-    recv = x.new_empty(sum(rc), x.size(1))
-    dist.all_to_all_single(recv, send, rc, sc, group=buf_group)
-    back = x.new_empty(send.shape)
-    dist.all_to_all_single(back, recv, sc, rc, group=buf_group)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of, back.float() * topk_w.flatten()[order].unsqueeze(1))
-    return out.to(x.dtype), sum(sc) * x.size(1) * x.element_size()
-
-
 def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig) -> dict:
     group = dist.group.WORLD
     probe = Buffer(group, ranks_per_node=cfg.ranks_per_node, explicitly_destroy=True)
@@ -136,7 +115,7 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
         if not torch.allclose(combined.float(), expect, rtol=2e-2, atol=2e-2):
             raise RuntimeError(f"bench self-check failed on rank {rank}")
 
-    raw = _raw_buffers(cfg, lay[3], rank, world, device)
+    raw = raw_buffers(cfg, lay[3], rank, world, device)
     suite = None
     if cfg.baselines:
         from .baselines import Suite
@@ -157,13 +136,13 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
             traffic[f"{name} combine"] = _stats(buf)
             if buf is main:
                 handle = res[4]
-        _, sample["raw_dispatch"] = timed(_raw_a2a, raw, "send", "recv_counts", "send_counts")
-        _, sample["raw_combine"] = timed(_raw_a2a, raw, "back_src", "send_counts", "recv_counts")
+        _, sample["raw_dispatch"] = timed(raw_a2a, raw, "send", "recv_counts", "send_counts")
+        _, sample["raw_combine"] = timed(raw_a2a, raw, "back_src", "send_counts", "recv_counts")
         _, sample["floor_dispatch"] = timed(dist.all_to_all_single, raw["recv"], raw["send"],
                                              raw["recv_counts"], raw["send_counts"])
         _, sample["floor_combine"] = timed(dist.all_to_all_single, raw["back_dst"], raw["back_src"],
                                             raw["send_counts"], raw["recv_counts"])
-        (_, naive_bytes), sample["naive"] = timed(_naive, group, x, topk_idx, topk_w, cfg.experts,
+        (_, naive_bytes), sample["naive"] = timed(naive_exchange, group, x, topk_idx, topk_w, cfg.experts,
                                                    rank, world)
         if suite is not None:  # last: their process-wide settings never overlap flexep's phases
             sample.update(suite.step())
@@ -181,38 +160,6 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
                 baselines=suite.info if suite is not None else None)
 
 
-def _raw_a2a(raw: dict, send: str, out_counts: str, in_counts: str) -> torch.Tensor:
-    """Raw ``all_to_all_single`` of a prepared buffer into a new tensor, as a call that returns
-    its result must do (on the host, the new tensor's first touch costs page faults)."""
-    src = raw[send]
-    out = src.new_empty(sum(raw[out_counts]), src.size(1))
-    dist.all_to_all_single(out, src, raw[out_counts], raw[in_counts])
-    return out
-
-
-def _raw_buffers(cfg: BenchConfig, is_token_in_rank: torch.Tensor, rank: int, world: int,
-                 device: torch.device) -> dict:
-    """Buffers for raw ``all_to_all_single`` of flat dispatch's rows and combine's rows.
-
-    Send buffers are allocated once and written before timing. The baseline receives into a
-    new tensor per call (:func:`_raw_a2a`); the "floor" also reuses a pre-touched receive buffer,
-    so it times the transport alone.
-    """
-    send_counts = is_token_in_rank.sum(0).tolist()
-    gathered = all_gather_object(None, send_counts, device if device.type != "cpu" else None)
-    recv_counts = [gathered[s][rank] for s in range(world)]
-    row = cfg.hidden * (1 if cfg.fp8 else 2) + _meta_bytes(cfg)
-    back_row = cfg.hidden * 2
-
-    def touched(n: int, width: int) -> torch.Tensor:
-        return torch.ones(n, width, dtype=torch.uint8, device=device)
-
-    return dict(send=touched(sum(send_counts), row), recv=touched(sum(recv_counts), row),
-                back_src=touched(sum(recv_counts), back_row), back_dst=touched(sum(send_counts), back_row),
-                send_counts=send_counts, recv_counts=recv_counts,
-                bytes=sum(send_counts) * row + sum(recv_counts) * back_row)
-
-
 def _plain(x):
     """FP8 tuples dequantised to BF16, what an expert would return to combine."""
     return _dequant(x) if isinstance(x, tuple) else x
@@ -221,11 +168,6 @@ def _plain(x):
 def _dequant(x):
     from ..quant import per_token_cast_back
     return per_token_cast_back(*x).to(torch.bfloat16)
-
-
-def _meta_bytes(cfg: BenchConfig) -> int:
-    """Per-row metadata flexep's dispatch moves: source index, top-k ids and weights, scales."""
-    return 4 + cfg.topk * 12 + (cfg.hidden // 128 * 4 if cfg.fp8 else 0)
 
 
 def _stats(buf: Buffer) -> dict:
@@ -341,43 +283,6 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(s: dict, path: str) -> None:
-    """Bytes per link class and time per variant (flat vs hierarchical, per channel count)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    vs = s["variants"]
-    names = [v["name"] for v in vs]
-    world = s["world"]
-    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
-    xs = range(len(vs))
-    for i, (link, color) in enumerate((("intra", "#4C72B0"), ("inter", "#DD8452"))):
-        vals = [(v[f"dispatch_{link}_bytes"] + v[f"combine_{link}_bytes"]) / world / 1e6 for v in vs]
-        ax_b.bar([x + 0.38 * i for x in xs], vals, width=0.38, color=color, label=f"{link}-node")
-    ax_b.set_xticks([x + 0.19 for x in xs], names, rotation=20)
-    ax_b.set_ylabel("MB sent per rank (dispatch + combine)")
-    ax_b.set_title("Bytes per link class")
-    ax_b.set_ylim(0, ax_b.get_ylim()[1] * 1.25)  # headroom for the legend
-    ax_b.legend(loc="upper center", ncol=2)
-    ax_t.bar(xs, [v["dispatch_s"] * 1e3 for v in vs], color="#55A868", label="dispatch")
-    ax_t.bar(xs, [v["combine_s"] * 1e3 for v in vs], bottom=[v["dispatch_s"] * 1e3 for v in vs],
-             color="#C44E52", label="combine")
-    raw = (s["times_s"]["raw_dispatch"] + s["times_s"]["raw_combine"]) * 1e3
-    ax_t.axhline(raw, color="black", linestyle="--", label="raw all_to_all_single (flat bytes)")
-    ax_t.set_xticks(list(xs), names, rotation=20)
-    ax_t.set_ylabel("ms (slowest rank, median)")
-    ax_t.set_title("Time per variant")
-    ax_t.legend(fontsize=8)
-    c = s["config"]
-    fig.suptitle(f"flexep: world {c['world']}, ranks/node {c['ranks_per_node']}, "
-                 f"{c['tokens']} tokens/rank, hidden {c['hidden']}, top-{c['topk']}/{c['experts']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark on local Gloo ranks (or the torchrun ranks) and summarise it."""
     return _summarise(cfg, run_ranks(_bench_worker, cfg.world, (cfg,)))
@@ -437,6 +342,8 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         write_json(a.json, summary)
     if a.plot:
+        from .plots import plot
+
         plot(summary, a.plot)
         print(f"plot written to {a.plot}")
     return 0

@@ -44,6 +44,7 @@ from ..algorithms.expand import (
 )
 from ..algorithms.packing import position_in_group
 from ..core import checks as C
+from ..device import device_of
 from ..event import EventHandle, EventOverlap
 from ..layout import compute_layout
 from .handle import EPHandle
@@ -81,7 +82,7 @@ class V2Face:
     def _stream_call(self, x, previous_event, before_epilogue, async_, allocate_on_comm_stream):
         if previous_event is not None and not allocate_on_comm_stream:
             raise ValueError("previous_event requires allocate_on_comm_stream=True (as in DeepEP V2)")
-        device = _device_of(x)
+        device = device_of(x)
         first = as_overlap(previous_event)
         if before_epilogue is not None:
             # DeepEP waits for it before its second kernel; flexep runs the call as one piece, so
@@ -371,11 +372,6 @@ class V2Face:
         if need > self.num_bytes:
             raise ValueError(f"this combine (hidden={x.size(1)}) needs {need} bytes of buffer, more than "
                              f"num_bytes={self.num_bytes}; build the buffer with get_buffer_size_hint(...)")
-
-
-def _device_of(x) -> Optional[torch.device]:
-    t = x[0] if isinstance(x, (tuple, list)) and x else x
-    return t.device if isinstance(t, torch.Tensor) else None
 
 
 class _BothEvents:

@@ -8,8 +8,9 @@ new slot, where its weights come from:
 
 * the rank itself (it already holds the expert): a local copy;
 * another rank holding a copy (a surviving replica, or the expert's old home when the group
-  grows): moved in one all-to-all of whole expert rows over the new group
-  (:func:`move_rows`);
+  grows): moved in one all-to-all of whole expert rows over the new group, a fetch of
+  :mod:`flexep.moe.weights` whose plan every rank builds locally from the agreed holdings
+  (:func:`plan_moves`, :func:`move_rows`);
 * nobody (every copy was on lost ranks): ``MISSING``; the caller reads it from the last
   checkpoint (:func:`flexep.moe.checkpoint.read_tensors`) or masks it.
 
