@@ -23,10 +23,11 @@ class TinyMoEModel(torch.nn.Module):
     """``x: [T, 64] -> [T, 64]``: ``head(x + moe(rms_norm(x)))``; collective over the buffer's group."""
 
     def __init__(self, buffer: Buffer, placement: Optional[Placement] = None, seed: int = 0,
-                 num_max_dispatch_tokens_per_rank: int = 128) -> None:
+                 num_max_dispatch_tokens_per_rank: int = 128, slotwise_combine: bool = False) -> None:
         super().__init__()
         self.moe = MoELayer(CONFIG, buffer, placement=placement, seed=seed,
-                            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank)
+                            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+                            slotwise_combine=slotwise_combine)
         gen = torch.Generator().manual_seed(seed)
         self.head = torch.nn.Parameter(torch.randn(CONFIG.hidden, CONFIG.hidden, generator=gen)
                                        * CONFIG.hidden ** -0.5)

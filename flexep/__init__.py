@@ -17,7 +17,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch  # noqa: F401
 
-from . import autograd, checkpoint, eplb, moe, utils
+from . import autograd, checkpoint, elastic, eplb, moe, utils
 from .algorithms.contract import LowLatencyHandle, NormalHandle
 from .comm.accounting import TrafficStats
 from .comm.topology import Topology
@@ -48,6 +48,7 @@ from .errors import (
     PeerFailureError,
     RankMismatchError,
     RemoteInputError,
+    StaleGenerationError,
 )
 from .event import EventHandle, EventOverlap
 
@@ -55,9 +56,10 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Buffer", "Config", "EventOverlap", "EventHandle", "NormalHandle", "LowLatencyHandle", "Topology",
-    "TrafficStats", "topk_idx_t", "Communicator", "Options", "autograd", "checkpoint", "eplb", "moe",
-    "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
-    "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError", "__version__",
+    "TrafficStats", "topk_idx_t", "Communicator", "Options", "autograd", "checkpoint", "elastic", "eplb",
+    "moe", "utils", "FlexepRuntimeError", "CommTimeoutError", "PeerFailureError", "RankMismatchError",
+    "RemoteInputError", "CapacityError", "BrokenCommunicatorError", "ConservationError",
+    "StaleGenerationError", "__version__",
     "ElasticBuffer", "EPBuffer", "EPHandle", "BufferAllocator", "BufferBase", "get_buffer_size_hint",
     "get_physical_domain_size", "get_logical_domain_size", "get_num_allocation_alignment",
     "get_num_tma_alignment", "get_num_rdma_alignment", "destroy_all_managed_nccl_comm",

@@ -19,6 +19,7 @@ __all__ = [
     "CapacityError",
     "BrokenCommunicatorError",
     "ConservationError",
+    "StaleGenerationError",
 ]
 
 
@@ -65,3 +66,21 @@ class BrokenCommunicatorError(FlexepRuntimeError):
 
 class ConservationError(FlexepRuntimeError):
     """Verify mode found tokens or bytes lost or altered between a sender and a receiver."""
+
+
+class StaleGenerationError(RankMismatchError):
+    """A rank holds an older membership generation than the group it talks to.
+
+    Raised on every rank of a control round that mixes generations (``ranks`` are the stale
+    ones), and by :mod:`flexep.elastic` on a process that finds itself excluded from the newest
+    membership (e.g. it was frozen while the others recovered without it). The stale process
+    must not rejoin the old group: it rejoins as a new member (``ElasticEP(join=True)``).
+
+    Attributes:
+        generation: the generation the raising process holds (-1 when unknown).
+        current: the newest generation known (-1 when unknown).
+    """
+
+    def __init__(self, message: str, *, generation: int = -1, current: int = -1, **kw) -> None:
+        super().__init__(message, **kw)
+        self.generation, self.current = generation, current

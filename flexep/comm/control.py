@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..device import group_carries
-from ..errors import RankMismatchError, RemoteInputError
+from ..errors import RankMismatchError, RemoteInputError, StaleGenerationError
 from .transport import Transport
 
 __all__ = ["Header", "ControlPlane", "dtype_code", "OPS", "ANY", "FIELDS"]
@@ -200,9 +200,10 @@ class ControlPlane:
         gens = h.field("generation")
         if len(set(gens)) > 1:
             old = [r for r, g in enumerate(gens) if g != max(gens)]
-            raise RankMismatchError(
+            raise StaleGenerationError(
                 f"ranks are in different membership generations ({gens}); rank(s) {old} belong to an "
-                "older group and are refused: rebuild them from the current membership", ranks=old, **kw)
+                "older group and are refused: rebuild them from the current membership", ranks=old,
+                generation=self.generation, current=max(gens), **kw)
         flagged = [r for r, e in enumerate(h.field("bad_values")) if e not in (0, ANY)]
         rejected = sorted({r for r, e in enumerate(h.field("error")) if e} | set(flagged))
         if error is not None:

@@ -70,6 +70,9 @@ class Options:
             host tensors; ``True`` also in low-latency mode on accelerators (one host read per
             call); ``False`` never.
         verify: checksum every exchange (default ``FLEXEP_VERIFY``).
+        generation: membership generation this communicator belongs to (:mod:`flexep.elastic`
+            sets it for the group it forms); every control row carries it and rows of another
+            generation raise :class:`~flexep.errors.StaleGenerationError` on every rank.
     """
 
     ranks_per_node: Optional[int] = None
@@ -79,6 +82,7 @@ class Options:
     check_consistency: bool = True
     validate: Optional[bool] = None
     verify: Optional[bool] = None
+    generation: int = 0
 
 
 def resolve_timeout(timeout) -> float:
@@ -137,7 +141,7 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         global_ranks = dist.get_process_group_ranks(group)
         store_host = global_ranks.index(0) if 0 in global_ranks else None
         tp = Transport(group, self.topology, timeout, verify=bool(verify), fault_hook=fault_hook)
-        control = ControlPlane(tp, self.host_group)
+        control = ControlPlane(tp, self.host_group, generation=int(options.generation))
         # One round before any group is created: a shared id (names the store keys) and a check
         # that every rank built it the same way. new_group waits for all members, so ranks
         # creating different numbers of groups would otherwise block instead of raising.

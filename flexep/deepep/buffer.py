@@ -56,7 +56,7 @@ class Buffer(LowLatencyMethods):
 
     flexep options (keyword only; see :class:`flexep.core.Options`): ``ranks_per_node``,
     ``hierarchical``, ``num_channels``, ``timeout``, ``check_consistency``, ``validate``,
-    ``verify``.
+    ``verify``, ``generation``.
     """
 
     num_sms: int = 20
@@ -69,7 +69,7 @@ class Buffer(LowLatencyMethods):
                  ranks_per_node: Optional[int] = None, hierarchical: bool = True,
                  num_channels: int = 1, timeout: Optional[float] = None,
                  check_consistency: bool = True, validate: Optional[bool] = None,
-                 verify: Optional[bool] = None,
+                 verify: Optional[bool] = None, generation: int = 0,
                  _fault_hook: Optional[Callable[[str], None]] = None) -> None:
         if group is None:
             if comm is not None:
@@ -93,7 +93,8 @@ class Buffer(LowLatencyMethods):
         self.enable_shrink = bool(enable_shrink)
         options = Options(ranks_per_node=ranks_per_node, hierarchical=hierarchical,
                           num_channels=num_channels, timeout=timeout,
-                          check_consistency=check_consistency, validate=validate, verify=verify)
+                          check_consistency=check_consistency, validate=validate, verify=verify,
+                          generation=generation)
         self.comm = Communicator(group, options, agree={"low_latency_mode": int(self.low_latency_mode),
                                                          "enable_shrink": int(self.enable_shrink)},
                                  error=error, label="Buffer", fault_hook=_fault_hook)

@@ -22,6 +22,7 @@ from .layer import (
     deepseek_v3_route,
     expert_parameters,
     grouped_mm,
+    mask_experts,
     replicated_parameters,
 )
 from .online import Moved, RebalanceReport
@@ -32,4 +33,5 @@ from .weights import FetchPlan, ReducePlan, fetch_rows, plan_fetch, plan_reduce,
 __all__ = ["MoEConfig", "PRESETS", "MoELayer", "GroupedExperts", "route", "RULES", "deepseek_v3_route",
            "grouped_mm", "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads",
            "RebalanceReport", "Moved", "FetchPlan", "ReducePlan", "plan_fetch", "fetch_rows", "plan_reduce",
-           "reduce_rows", "ReplicaMap", "replica_map", "sync_replica_grads", "sync_replica_weights"]
+           "reduce_rows", "ReplicaMap", "replica_map", "sync_replica_grads", "sync_replica_weights",
+           "mask_experts"]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ..comm.objects import all_gather_object
 from .layer import MoELayer
 
-__all__ = ["save", "load", "consolidate", "local_state_dict"]
+__all__ = ["save", "load", "consolidate", "local_state_dict", "read_tensors"]
 
 FORMAT = "flexep-moe/1"
 _EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
@@ -179,3 +179,14 @@ def consolidate(path: str) -> dict:
     index = _read_index(path)
     files = _Files(path)
     return {key: files.get(file, key).clone() for key, file in sorted(index["weight_map"].items())}
+
+
+def read_tensors(path: str, keys) -> dict:
+    """The checkpoint tensors named ``keys`` (e.g. one lost expert's
+    ``<layer>.experts.<id>.w_gate``), read from only the files that hold them. ``KeyError``
+    names a missing key."""
+    weight_map, files = _read_index(path)["weight_map"], _Files(path)
+    missing = [k for k in keys if k not in weight_map]
+    if missing:
+        raise KeyError(f"{missing} not in the checkpoint at {path}")
+    return {k: files.get(weight_map[k], k).clone() for k in keys}

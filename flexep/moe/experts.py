@@ -8,8 +8,10 @@ that on the CPU, and both are neutralised here:
 * elementwise kernels compute the last ``numel % (2 x vector width)`` elements with scalar code
   whose ``exp`` can differ in the last bit (:func:`pointwise` pads to a whole block);
 * a one-row matrix product takes BLAS's matrix-vector path, which rounds differently from the
-  matrix-matrix path (measured: 2.4e-7 on a layer output). :func:`mm_rows` and
-  :meth:`GroupedExperts.forward` give a lone row a twin so every product has at least two rows.
+  matrix-matrix path (measured: 2.4e-7 on a layer output), and with a transposed weight
+  (``F.linear``, the router's gate) two rows still take another path (measured at H = 64, 16
+  experts). :func:`mm_rows`, :func:`linear_rows` and :meth:`GroupedExperts.forward` therefore
+  give every product at least ``MIN_ROWS`` rows (zero rows, or copies of a segment's row).
 
 With these, each row's bits depend only on its own inputs for the CPU kernels tested here
 (float32, bfloat16, any row count); GPU and NPU GEMM libraries choose kernels by shape and make
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["GroupedExperts", "SwiGLU", "grouped_mm", "grouped_mm_loop", "pointwise", "mm_rows",
-           "linear_rows", "seeded_normal"]
+           "linear_rows", "seeded_normal", "MIN_ROWS"]
 
 # PyTorch's CPU elementwise kernels compute the last ``numel % (2 x vector width)`` elements with
 # scalar code whose exp() can differ from the vector one in the last bit, so an element's value
@@ -43,18 +45,22 @@ def pointwise(fn, t: torch.Tensor) -> torch.Tensor:
     return fn(flat)[:n].view(t.shape)
 
 
+# Fewest rows a matrix product gets (see the module docstring).
+MIN_ROWS = 4
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, MIN_ROWS - x.size(0))) if 0 < x.size(0) < MIN_ROWS else x
+
+
 def mm_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [S, A] @ w [A, B]`` with each row's bits independent of S (a lone row gets a twin)."""
-    if x.size(0) == 1:
-        return (x.expand(2, -1) @ w)[:1]
-    return x @ w
+    """``x [S, A] @ w [A, B]`` with each row's bits independent of S (at least MIN_ROWS rows)."""
+    return (_padded(x) @ w)[:x.size(0)]
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x [S, A], weight [B, A], bias [B])`` with each row's bits independent of S."""
-    if x.size(0) == 1:
-        return F.linear(x.expand(2, -1), weight, bias)[:1]
-    return F.linear(x, weight, bias)
+    return F.linear(_padded(x), weight, bias)[:x.size(0)]
 
 
 def seeded_normal(shape: tuple, std: float, seed: int, name: str, index: int = 0) -> torch.Tensor:
@@ -117,20 +123,21 @@ class GroupedExperts(torch.nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x: [S, H]`` rows sorted by local expert, ``counts: [L] int64`` -> ``[S, H]``.
 
-        A segment of one row is computed as two copies of it (see the module docstring), so a
-        row's result does not depend on how many rows its expert received.
+        A segment of fewer than ``MIN_ROWS`` rows is padded with copies of its first row (see the
+        module docstring), so a row's result does not depend on how many rows its expert
+        received. Example (MIN_ROWS 4): sizes ``[1, 5]`` -> rows ``[0, 0, 0, 0, 1, 2, 3, 4, 5]``.
         """
         sizes = counts.tolist()  # (the loop over segments needs them on the host anyway)
-        if 1 not in sizes:
+        if not any(0 < n < MIN_ROWS for n in sizes):
             return self._swiglu(x, counts, sizes)
         source: list[int] = []  # row of x behind each padded row
         keep: list[int] = []  # padded row holding each row of x
         start = 0
         for n in sizes:
             keep += range(len(source), len(source) + n)
-            source += [start] * 2 if n == 1 else range(start, start + n)
+            source += list(range(start, start + n)) + [start] * (MIN_ROWS - n if 0 < n < MIN_ROWS else 0)
             start += n
-        sizes = [2 if n == 1 else n for n in sizes]
+        sizes = [MIN_ROWS if 0 < n < MIN_ROWS else n for n in sizes]
         padded = torch.tensor(sizes, dtype=counts.dtype, device=counts.device)
         out = self._swiglu(x.index_select(0, torch.tensor(source, device=x.device)), padded, sizes)
         return out.index_select(0, torch.tensor(keep, device=x.device))

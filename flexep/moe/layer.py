@@ -30,9 +30,9 @@ experts are sharded.
 every EP size and under every EPLB placement (replicas included), when each rank holds a
 contiguous shard of the global batch and every row of a matrix product is computed independently
 of the other rows in the call. :mod:`flexep.moe.experts` makes that true for the CPU kernels
-(float32 and bfloat16): it keeps elementwise kernels off their scalar tail and gives a one-row
-product a twin row, because BLAS computes a single row through its matrix-vector path and rounds
-differently (2.4e-7 measured when a replica received one token). GPU and NPU GEMM libraries pick
+(float32 and bfloat16): it keeps elementwise kernels off their scalar tail and gives every
+matrix product at least 4 rows, because BLAS computes one or two rows through other paths and
+rounds differently (2.4e-7 measured when a replica received one token). GPU and NPU GEMM libraries pick
 kernels by shape and promise no such thing. Without ``slotwise_combine`` (DeepEP's per-rank
 pre-summed combine) outputs agree to float32 rounding: a rank adds the slots it holds before
 the combine, and which slots share a rank changes with the EP size and the placement.
@@ -69,7 +69,25 @@ from .experts import (
 from .routing import route
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm", "grouped_mm_loop",
-           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads"]
+           "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
+
+
+def mask_experts(topk_idx: torch.Tensor, topk_weights: torch.Tensor, unavailable: torch.Tensor,
+                 renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the slots routed to ``unavailable: [E] bool`` experts (no live copy after a loss).
+
+    The dropped slots get id ``-1`` and weight 0. With ``renormalize`` the kept weights are scaled
+    so that each token's weights keep their sum (a token whose every expert is gone gets
+    zeros); without it the kept weights are unchanged (DeepEP's mask semantics: the lost experts
+    contribute zero). Example: weights ``[0.5, 0.3, 0.2]``, expert of slot 1 gone -> ``[0.5, 0,
+    0.2]``, renormalised ``[0.7143, 0, 0.2857]``.
+    """
+    gone = unavailable.to(topk_idx.device)[topk_idx.clamp(min=0)] & (topk_idx >= 0)
+    kept = topk_weights.masked_fill(gone, 0.0)
+    if renormalize:
+        total, left = topk_weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+        kept = torch.where(left > 0, kept * (total / torch.where(left > 0, left, 1.0)), 0.0)
+    return topk_idx.masked_fill(gone, -1), kept
 
 
 def deepseek_v3_route(logits: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int = 1,
@@ -102,7 +120,8 @@ class MoELayer(torch.nn.Module):
         slotwise_combine: return one row per (token, top-k slot) instead of one pre-summed row
             per token (K combines instead of one). The slot sum then runs at the source in slot
             order, so outputs are bitwise independent of EP size and placement (conditions in
-            the module docstring), for K times the combine bytes.
+            the module docstring), for K times the combine bytes. In low-latency mode it runs
+            one weighted combine per slot (the other slots' weights zero) for the same result.
         num_max_dispatch_tokens_per_rank: capacity of low-latency decode (tokens per rank).
         fp8_decode: low-latency dispatch sends FP8 e4m3 with per-128-channel scales (DeepEP's
             default, half the bytes of bf16); experts run on the dequantised tokens. Needs
@@ -153,6 +172,19 @@ class MoELayer(torch.nn.Module):
                                              h, config.intermediate, seed, dtype)
         self.shared = (SwiGLU(h, config.num_shared_experts * config.intermediate, seed, dtype,
                               gated=config.shared_expert_gate) if config.num_shared_experts else None)
+        self.unavailable: Optional[torch.Tensor] = None  # [E] bool, see set_unavailable
+        self.renormalize_unavailable = False
+
+    def set_unavailable(self, experts, renormalize: bool = False) -> None:
+        """Route around logical ``experts`` that have no live copy (:func:`mask_experts`);
+        ``None`` or empty restores normal routing. Used by :mod:`flexep.elastic`'s mask
+        policies; routing statistics still count the demand for them."""
+        experts = list(experts or [])
+        self.unavailable = None
+        if experts:
+            self.unavailable = torch.zeros(self.config.num_experts, dtype=torch.bool)
+            self.unavailable[experts] = True
+        self.renormalize_unavailable = bool(renormalize)
 
     def _check_placement(self, placement: Placement) -> None:
         world, experts = self.buffer.group_size, self.config.num_experts
@@ -260,6 +292,9 @@ class MoELayer(torch.nn.Module):
         topk_idx, topk_weights = self.route(x)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=self.config.num_experts)
+        if self.unavailable is not None:
+            topk_idx, topk_weights = mask_experts(topk_idx, topk_weights, self.unavailable,
+                                                  self.renormalize_unavailable)
         physical = self.placement.to_physical(topk_idx, token_offset=self.buffer.rank)
         if self.buffer.low_latency_mode if low_latency is None else low_latency:
             out = self._routed_low_latency(x, physical, topk_weights)
@@ -320,6 +355,15 @@ class MoELayer(torch.nn.Module):
         # Static shapes (CUDA-graph friendly): every slot is computed, the combine reads only
         # the valid ones.
         y = self.experts.forward_padded(recv_x)
+        if self.slotwise_combine:
+            # One weighted combine per slot with the other slots' weights zero: each token's
+            # result is one product w * y (exact), summed here in slot order like the normal path.
+            outs = []
+            for j in range(topk_weights.size(1)):
+                only = torch.zeros_like(topk_weights)
+                only[:, j] = topk_weights[:, j]
+                outs.append(self.buffer.low_latency_combine(y, topk_idx, only, handle)[0])
+            return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
         out, _event, _hook = self.buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
         return out
 
