@@ -31,3 +31,18 @@ def test_api_v2_times_every_v2_path_beside_v1(capsys, tmp_path):
         assert v[name]["extra_bytes"] == sum(v[name][f"{op}_payload"] - counted[f"{op}_payload"]
                                              for op in ("dispatch", "combine"))
     assert v["v2 sync-free"]["rows_out"] == 2 * 16  # W * T rows
+
+
+@pytest.mark.unit
+def test_quick_without_tokens_uses_the_default_then_shrinks():
+    """``flexep bench --api v2 --quick`` (no ``--tokens``) shrinks the default shape."""
+    import argparse
+
+    from flexep.cli import bench, bench_v2
+
+    parser = argparse.ArgumentParser()
+    bench.add_args(parser)
+    quick = bench_v2.config_from_args(parser.parse_args(["--api", "v2", "--quick"]))
+    assert (quick.tokens, quick.hidden, quick.iters) == (128, 2048, 2)
+    full = bench_v2.config_from_args(parser.parse_args(["--api", "v2"]))
+    assert full.tokens == bench_v2.V2BenchConfig.tokens == 512

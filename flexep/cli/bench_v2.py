@@ -176,7 +176,7 @@ def format_v2_table(s: dict) -> str:
 
 
 def config_from_args(a: argparse.Namespace) -> V2BenchConfig:
-    tokens = a.tokens
+    tokens = a.tokens or V2BenchConfig.tokens
     if a.quick:
         tokens, a.hidden, a.iters, a.warmup = min(tokens, 128), min(a.hidden, 2048), 2, 1
     return V2BenchConfig(world=a.world, tokens=tokens, hidden=a.hidden, experts=a.experts, topk=a.topk,
