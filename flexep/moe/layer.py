@@ -67,6 +67,7 @@ from .experts import (
     seeded_normal,
 )
 from .routing import route
+from .slots import local_slots, sum_slots_per_row
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm", "grouped_mm_loop",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
@@ -308,13 +309,8 @@ class MoELayer(torch.nn.Module):
         recv_x, recv_idx, recv_w, _, handle = autograd.dispatch(
             self.buffer, x, topk_idx, topk_weights, self.placement.num_physical)
         m = recv_x.size(0)
-        # (row, slot) pairs this rank serves, grouped by local expert; a stable sort keeps each
-        # expert's rows in (source rank, source token) order, the same at every EP size.
-        flat = recv_idx.flatten()
-        pos = (flat >= 0).nonzero().flatten()
-        pos = pos[torch.sort(flat[pos], stable=True).indices]
-        rows, slots = pos // k, pos % k
-        counts = torch.bincount(flat[pos], minlength=self.placement.experts_per_rank)
+        served = local_slots(recv_idx, self.placement.experts_per_rank)
+        pos, rows, slots, counts = served.pos, served.rows, served.slots, served.counts
         with torch.no_grad():
             self.tokens_per_slot += counts
         # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
@@ -328,16 +324,7 @@ class MoELayer(torch.nn.Module):
             outs = [autograd.combine(self.buffer, per_slot[:, j].to(x.dtype).contiguous(), handle)
                     for j in range(k)]
             return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
-        # Slot by slot into one [M, H] accumulator: the same additions in the same order as summing
-        # a zero-filled [M, K, H] over K (a missing slot adds an exact zero), without that buffer.
-        by_slot = torch.sort(slots, stable=True).indices
-        summed = y.new_zeros(m, x.size(1))
-        start = 0
-        for n in torch.bincount(slots, minlength=k).tolist():
-            part = by_slot[start:start + n]
-            summed = summed.index_add(0, rows[part], y[part])
-            start += n
-        return autograd.combine(self.buffer, summed.to(x.dtype), handle)
+        return autograd.combine(self.buffer, sum_slots_per_row(y, served, m, k).to(x.dtype), handle)
 
     def _routed_low_latency(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from ... import autograd
 from ...core.communicator import Communicator
 from ...deepep.buffer import Buffer
+from ...moe.slots import local_slots, sum_slots_per_row
 from . import harness
 
 __all__ = ["LABEL", "FlexepLayerDriver"]
@@ -43,24 +44,14 @@ class FlexepLayerDriver(harness.Driver):
         self.buffer = buffer
 
     def dispatch(self) -> tuple:
-        k = self.topk_idx.size(1)
         recv_x, recv_idx, recv_w, _, handle = autograd.dispatch(self.buffer, self.x, self.topk_idx,
                                                                 self.topk_weights, self.experts)
-        # (row, slot) pairs this rank serves, grouped by local expert, (rank, token) order kept
-        flat = recv_idx.flatten()
-        pos = (flat >= 0).nonzero().flatten()
-        pos = pos[torch.sort(flat[pos], stable=True).indices]
-        rows, slots = pos // k, pos % k
-        counts = torch.bincount(flat[pos], minlength=self.local)
-        weights = recv_w[rows, slots]
-        return recv_x[rows], counts, weights, (pos, weights, recv_x.size(0), handle)
+        served = local_slots(recv_idx, self.local)
+        weights = recv_w[served.rows, served.slots]
+        return recv_x[served.rows], served.counts, weights, (served, weights, recv_x.size(0), handle)
 
     def combine(self, expert_out: torch.Tensor, state) -> torch.Tensor:
-        pos, weights, m, handle = state
-        k, h = self.topk_idx.size(1), self.x.size(1)
+        served, weights, m, handle = state
         y = expert_out.float() * weights.unsqueeze(1)
-        per_slot = y.new_zeros(m * k, h).index_put((pos,), y).view(m, k, h)
-        summed = per_slot[:, 0]
-        for j in range(1, k):  # slot order 0..K-1, as the layer sums them
-            summed = summed + per_slot[:, j]
+        summed = sum_slots_per_row(y, served, m, self.topk_idx.size(1))
         return autograd.combine(self.buffer, summed.to(self.x.dtype), handle)

@@ -1,0 +1,59 @@
+"""The received (row, slot) pairs of an MoE layer's local experts, and their sum per row.
+
+Shape legend: :mod:`flexep.algorithms.contract` (``M`` received rows, ``K`` top-k slots, ``L``
+local experts, ``S`` served pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LocalSlots", "local_slots", "sum_slots_per_row"]
+
+
+@dataclass(frozen=True)
+class LocalSlots:
+    """The ``S`` (row, slot) pairs this rank serves, grouped by local expert.
+
+    ``pos [S]`` flat index ``row * K + slot``; ``rows``/``slots [S]`` its parts; ``counts [L]``
+    pairs per local expert. Within an expert, pairs keep (source rank, source token) order, the
+    same at every EP size.
+    """
+
+    pos: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    counts: torch.Tensor
+
+
+def local_slots(recv_idx: torch.Tensor, num_local: int) -> LocalSlots:
+    """``recv_idx [M, K] int64`` local expert ids (``-1``: elsewhere) -> :class:`LocalSlots`.
+
+    Example (K = 2): ``[[1, -1], [0, 1]] -> pos [2, 0, 3]`` (expert 0: row 1 slot 0; expert 1:
+    row 0 slot 0, row 1 slot 1), ``counts [1, 2]``.
+    """
+    k = recv_idx.size(1)
+    flat = recv_idx.flatten()
+    pos = (flat >= 0).nonzero().flatten()
+    pos = pos[torch.sort(flat[pos], stable=True).indices]
+    return LocalSlots(pos, pos // k, pos % k, torch.bincount(flat[pos], minlength=num_local))
+
+
+def sum_slots_per_row(y: torch.Tensor, served: LocalSlots, num_rows: int, k: int) -> torch.Tensor:
+    """``y [S, H]`` float32 outputs of the served pairs -> ``[M, H]`` float32, each row the sum of
+    its slots in slot order 0..K-1.
+
+    The additions and their order are those of summing a zero-filled ``[M, K, H]`` over K (a
+    missing slot adds an exact zero), slot by slot into one ``[M, H]`` accumulator instead: that
+    buffer would be ``K`` times the received rows in float32.
+    """
+    by_slot = torch.sort(served.slots, stable=True).indices
+    summed = y.new_zeros(num_rows, y.size(1))
+    start = 0
+    for n in torch.bincount(served.slots, minlength=k).tolist():
+        part = by_slot[start:start + n]
+        summed = summed.index_add(0, served.rows[part], y[part])
+        start += n
+    return summed

@@ -1,0 +1,35 @@
+"""flexep.moe.slots: the served (row, slot) pairs and their per-row sum, against plain loops."""
+
+import pytest
+import torch
+
+from flexep.moe.slots import local_slots, sum_slots_per_row
+
+pytestmark = pytest.mark.unit
+
+
+def test_local_slots_worked_example():
+    served = local_slots(torch.tensor([[1, -1], [0, 1]]), 2)
+    assert served.pos.tolist() == [2, 0, 3]
+    assert served.rows.tolist() == [1, 0, 1] and served.slots.tolist() == [0, 0, 1]
+    assert served.counts.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pairs_grouped_by_expert_in_row_order_and_sum_in_slot_order(seed):
+    gen = torch.Generator().manual_seed(seed)
+    m, k, local, h = 37, 4, 3, 16
+    recv_idx = torch.randint(-1, local, (m, k), generator=gen)
+    served = local_slots(recv_idx, local)
+    expected = [(r, s) for e in range(local) for r in range(m) for s in range(k) if recv_idx[r, s] == e]
+    assert list(zip(served.rows.tolist(), served.slots.tolist())) == expected
+    assert served.counts.tolist() == [int((recv_idx == e).sum()) for e in range(local)]
+    y = torch.randn(len(expected), h, generator=gen) * 1e3
+    # reference: a zero-filled [M, K, H], summed over K left to right
+    per_slot = torch.zeros(m, k, h)
+    for i, (r, s) in enumerate(expected):
+        per_slot[r, s] = y[i]
+    ref = per_slot[:, 0]
+    for j in range(1, k):
+        ref = ref + per_slot[:, j]
+    assert torch.equal(sum_slots_per_row(y, served, m, k), ref)
