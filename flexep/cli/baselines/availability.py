@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import sys
+import types
 from dataclasses import dataclass
 
 __all__ = ["Framework", "check_installed", "DOCS"]
@@ -50,3 +52,21 @@ def check_installed(fw: Framework) -> tuple[bool, str]:
     if missing:
         return False, f"{fw.dist} {found} is installed but {', '.join(missing)} is missing"
     return True, found
+
+
+def _unavailable(*_args, **_kwargs):
+    raise NotImplementedError("triton kernels are unavailable here")
+
+
+def stub_triton_module(name: str, kernels: tuple, **values) -> None:
+    """Where triton is missing, put a stand-in for module ``name`` (one the framework imports
+    unconditionally and that imports triton) in ``sys.modules``: each of ``kernels`` raises if
+    called, ``values`` are plain attributes. Where triton is installed the real module imports."""
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+        return
+    stub = types.ModuleType(name)
+    for kernel in kernels:
+        setattr(stub, kernel, _unavailable)
+    for key, value in values.items():
+        setattr(stub, key, value)
+    sys.modules[name] = stub

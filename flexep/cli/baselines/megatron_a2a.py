@@ -39,8 +39,6 @@ On the CPU (neither changes dispatcher logic):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
 import types
 import warnings
 from typing import Iterator, Optional
@@ -49,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import harness
-from .availability import Framework, check_installed
+from .availability import Framework, check_installed, stub_triton_module
 
 __all__ = ["FRAMEWORK", "is_available", "import_framework", "MegatronDriver", "cuda_calls_on_cpu", "run"]
 
@@ -68,18 +66,10 @@ def is_available() -> tuple[bool, str]:
     return check_installed(FRAMEWORK)
 
 
-def _unavailable(*_args, **_kwargs):
-    raise NotImplementedError("triton kernels are unavailable here")
-
-
 def import_framework() -> types.SimpleNamespace:
     """Import what the driver needs, with the triton stub in place if triton is missing."""
-    # the real kernels import where triton is installed; elsewhere a stub stands in
-    if _PAGED_STASH not in sys.modules and importlib.util.find_spec("triton") is None:
-        stub = types.ModuleType(_PAGED_STASH)
-        stub.GLOBAL_BLOCK_SIZE = 1024
-        stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = _unavailable
-        sys.modules[_PAGED_STASH] = stub
+    stub_triton_module(_PAGED_STASH, ("paged_stash_copy_kernel", "paged_stash_pop_kernel"),
+                       GLOBAL_BLOCK_SIZE=1024)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed ..."
         from megatron.core.process_groups_config import ProcessGroupCollection

@@ -27,8 +27,6 @@ launchers raise. Only ``MinimalAsyncEPTokenDispatcher`` calls them.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 from typing import Optional
 
@@ -36,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import harness
-from .availability import Framework, check_installed
+from .availability import Framework, check_installed, stub_triton_module
 
 __all__ = ["FRAMEWORK", "is_available", "import_framework", "TorchtitanDriver", "run"]
 
@@ -59,18 +57,9 @@ def is_available() -> tuple[bool, str]:
     return check_installed(FRAMEWORK)
 
 
-def _unavailable(*_args, **_kwargs):
-    raise NotImplementedError("triton kernels are unavailable here")
-
-
 def import_framework() -> types.SimpleNamespace:
     """Import what the driver needs, with the triton stub in place if triton is missing."""
-    # the real kernels import where triton is installed; elsewhere a stub stands in
-    if _KERNELS not in sys.modules and importlib.util.find_spec("triton") is None:
-        stub = types.ModuleType(_KERNELS)
-        for name in _KERNEL_NAMES:
-            setattr(stub, name, _unavailable)
-        sys.modules[_KERNELS] = stub
+    stub_triton_module(_KERNELS, _KERNEL_NAMES)
     from torchtitan.distributed import parallel_dims
     from torchtitan.distributed import utils as dist_utils
     from torchtitan.distributed.spmd_types import maybe_set_sparse_mesh
