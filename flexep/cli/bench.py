@@ -326,7 +326,9 @@ def format_table(s: dict) -> str:
                      f"{f['dispatch_inter_bytes'] / 1e6:.2f} MB, "
                      f"{_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} its minimum) and is "
                      f"{compare(h['dispatch_s'] + h['combine_s'], f['dispatch_s'] + f['combine_s'], 'flat')} "
-                     "here (all links of one host are equally fast; see docs/benchmarks.md for a network).")
+                     + ("here." if (s.get("inter_node_floor") or {}).get("total_s") else
+                        "here (all links of one host are equally fast; see docs/benchmarks.md for a "
+                        "network)."))
     if "inter_node_floor" in s:
         lines += _floor_lines(s)
     return "\n".join(lines)
