@@ -41,6 +41,7 @@ from .common import (
     under_torchrun,
     write_json,
 )
+from .netfloor import inter_node_floor, link_rate, node_rows
 from .raw import naive_exchange, raw_a2a, raw_buffers
 
 __all__ = ["BenchConfig", "run_bench", "main", "add_args", "run", "format_table"]
@@ -54,6 +55,8 @@ class BenchConfig:
     from ``ranks_per_node`` below the world size) every channel count runs both the
     hierarchical and the flat algorithm, in the same iterations; the node shape is detected
     (``ranks_per_node=None``: torchrun's ``LOCAL_WORLD_SIZE``, else host names).
+    ``link_gbit``/``paths`` give a node's network for the inter-node floor
+    (:mod:`flexep.cli.netfloor`; default: ``NETBED_GBIT``/``NETBED_PATHS`` or the netbed testbed).
     """
 
     world: int = 4
@@ -69,6 +72,8 @@ class BenchConfig:
     fp8: bool = False
     seed: int = 0
     baselines: bool = False
+    link_gbit: Optional[float] = None
+    paths: Optional[int] = None
 
     def variants(self, multi_node: bool) -> list[tuple[str, bool, int]]:
         """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
@@ -115,6 +120,7 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
         if not torch.allclose(combined.float(), expect, rtol=2e-2, atol=2e-2):
             raise RuntimeError(f"bench self-check failed on rank {rank}")
 
+    rows_per_node = node_rows(lay[3], topology.ranks_per_node)
     raw = raw_buffers(cfg, lay[3], rank, world, device)
     suite = None
     if cfg.baselines:
@@ -156,6 +162,7 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
     for buf in buffers.values():
         buf.destroy()
     return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, raw_bytes=raw["bytes"],
+                node_rows=rows_per_node,
                 ranks_per_node=topology.ranks_per_node, variants=variants, device=str(device),
                 baselines=suite.info if suite is not None else None)
 
@@ -205,10 +212,50 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
                ratio_vs_floor=ours / (t["floor_dispatch"] + t["floor_combine"]),
                cpu_ratio_vs_raw=(cpu[f"{main['name']} dispatch"] + cpu[f"{main['name']} combine"])
                / (cpu["raw_dispatch"] + cpu["raw_combine"]))
+    rpn = per_rank[0]["ranks_per_node"]
+    if world > rpn:
+        out["inter_node_floor"] = _floor(cfg, [r["node_rows"] for r in per_rank], rpn, variants, raw)
     if per_rank[0]["baselines"] is not None:
         from .baselines.report import summarise
         out["baselines"] = summarise(per_rank[0]["baselines"], t, cpu, t["layout"] + ours)
     return out
+
+
+def _floor(cfg: BenchConfig, rows: list, rpn: int, variants: list, raw: float) -> dict:
+    """The inter-node floor of the run's routing and every variant's time over it."""
+    rate = link_rate(cfg.link_gbit, cfg.paths)
+    d_row = cfg.hidden + cfg.hidden // 128 * 4 if cfg.fp8 else cfg.hidden * 2
+    f = inter_node_floor(rows, rpn, d_row, cfg.hidden * 2, rate)
+    out = dict(rows=f.rows, busiest_node=f.busiest_node, rows_out=list(f.rows_out), rows_in=list(f.rows_in),
+               dispatch_bytes=f.dispatch_bytes, combine_bytes=f.combine_bytes,
+               dispatch_s=f.dispatch_s, combine_s=f.combine_s, total_s=f.total_s,
+               gbit=rate.gbit if rate else None, paths=rate.paths if rate else None,
+               rate_source=rate.source if rate else None, vs_floor={})
+    if f.total_s:
+        for v in variants:
+            out["vs_floor"][v["name"]] = (v["dispatch_s"] + v["combine_s"]) / f.total_s
+        out["vs_floor"]["raw flat a2a"] = raw / f.total_s
+    return out
+
+
+def _floor_lines(s: dict) -> list:
+    f, t = s["inter_node_floor"], s["times_s"]
+    lines = ["", f"Inter-node floor: the busiest node (node {f['busiest_node']}) moves {f['rows']} "
+             f"(token, node) rows each way, {f['dispatch_bytes'] / 1e6:.2f} MB in dispatch and "
+             f"{f['combine_bytes'] / 1e6:.2f} MB in combine (from the routing, token data only)"]
+    if f["total_s"] is None:
+        lines.append("  no link rate known (give --link-gbit and --paths, or run under netbed): "
+                     "no time floor")
+        return lines
+    lines[-1] += (f"; at {f['paths']} path(s) x {f['gbit']:g} Gbit/s ({f['rate_source']}) that is "
+                  f"{f['total_s'] * 1e3:.1f} ms dispatch+combine")
+    lines.append(f"{'variant':<34}{'d+c ms':>9}{'vs floor':>10}")
+    for v in s["variants"]:
+        lines.append(f"{v['name']:<34}{(v['dispatch_s'] + v['combine_s']) * 1e3:>9.1f}"
+                     f"{f['vs_floor'][v['name']]:>9.2f}x")
+    lines.append(f"{'raw flat a2a (flat rows)':<34}{(t['raw_dispatch'] + t['raw_combine']) * 1e3:>9.1f}"
+                 f"{f['vs_floor']['raw flat a2a']:>9.2f}x")
+    return lines
 
 
 def _ratio(a: int, b: int) -> str:
@@ -279,7 +326,11 @@ def format_table(s: dict) -> str:
                      f"{f['dispatch_inter_bytes'] / 1e6:.2f} MB, "
                      f"{_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} its minimum) and is "
                      f"{compare(h['dispatch_s'] + h['combine_s'], f['dispatch_s'] + f['combine_s'], 'flat')} "
-                     "here (all links of one host are equally fast; see docs/benchmarks.md for a network).")
+                     + ("here." if (s.get("inter_node_floor") or {}).get("total_s") else
+                        "here (all links of one host are equally fast; see docs/benchmarks.md for a "
+                        "network)."))
+    if "inter_node_floor" in s:
+        lines += _floor_lines(s)
     return "\n".join(lines)
 
 
@@ -304,6 +355,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="node size (default: detected; smaller than the world makes virtual nodes)")
     g.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
     g.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
+    g.add_argument("--link-gbit", type=float, default=None,
+                   help="each inter-node path's rate in Gbit/s, for the inter-node floor (default: "
+                        "NETBED_GBIT, else the netbed testbed the run is in)")
+    g.add_argument("--paths", type=int, default=None,
+                   help="parallel inter-node paths per node (default: NETBED_PATHS, else netbed's, else 1)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
     p.add_argument("--baselines", action="store_true",
                    help="also time torchtitan's and Megatron-Core's dispatchers where installed, and "
@@ -317,7 +373,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
                        hierarchical=not a.flat, fp8=a.fp8, seed=a.seed, baselines=a.baselines,
-                       channels=tuple(int(c) for c in str(a.channels).split(",")))
+                       channels=tuple(int(c) for c in str(a.channels).split(",")),
+                       link_gbit=a.link_gbit, paths=a.paths)
 
 
 def run(a: argparse.Namespace) -> int:
