@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["LocalSlots", "local_slots", "sum_slots_per_row"]
 
@@ -43,17 +44,16 @@ def local_slots(recv_idx: torch.Tensor, num_local: int) -> LocalSlots:
 
 def sum_slots_per_row(y: torch.Tensor, served: LocalSlots, num_rows: int, k: int) -> torch.Tensor:
     """``y [S, H]`` float32 outputs of the served pairs -> ``[M, H]`` float32, each row the sum of
-    its slots in slot order 0..K-1.
+    its slots in slot order 0..K-1 (a row without served slots is zero).
 
-    The additions and their order are those of summing a zero-filled ``[M, K, H]`` over K (a
-    missing slot adds an exact zero), slot by slot into one ``[M, H]`` accumulator instead: that
-    buffer would be ``K`` times the received rows in float32.
+    One ``embedding_bag(mode="sum")`` pass, each row a bag of its pairs in slot order: every
+    output row is read and written once (a scatter-add per slot re-reads and re-writes an
+    ``[M, H]`` float32 accumulator ``K`` times), and the bag kernel adds a bag's rows one after
+    the other, so the order of the additions is fixed.
     """
-    by_slot = torch.sort(served.slots, stable=True).indices
-    summed = y.new_zeros(num_rows, y.size(1))
-    start = 0
-    for n in torch.bincount(served.slots, minlength=k).tolist():
-        part = by_slot[start:start + n]
-        summed = summed.index_add(0, served.rows[part], y[part])
-        start += n
-    return summed
+    if num_rows == 0:
+        return y.new_zeros(0, y.size(1))
+    order = torch.argsort(served.pos)  # by row, then slot: pos = row * K + slot
+    per_row = torch.bincount(served.rows, minlength=num_rows)
+    offsets = torch.cumsum(per_row, 0) - per_row
+    return F.embedding_bag(order, y, offsets, mode="sum")
