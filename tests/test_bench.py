@@ -56,3 +56,18 @@ def test_hierarchical_variants_send_fewer_inter_node_bytes():
     hier, flat = summary["variants"][0], summary["variants"][2]
     assert 0 < hier["dispatch_inter_bytes"] < flat["dispatch_inter_bytes"]
     assert "fewer inter-node dispatch bytes than flat" in format_table(summary)
+
+
+def test_no_checks_builds_the_timed_buffers_without_checks(tmp_path, capsys):
+    """``--no-checks`` reaches the Buffers (read back from them), still sends the minimum, and the
+    header says so; by default both checks are on."""
+    for flag, want in (([], (True, None)), (["--no-checks"], (False, False))):
+        path = tmp_path / f"bench{len(flag)}.json"
+        assert main(["--world", "2", "--tokens", "16", "--hidden", "128", "--experts", "8", "--topk", "4",
+                     "--iters", "1", "--warmup", "0", "--json", str(path), *flag]) == 0
+        (variant,) = json.loads(path.read_text())["variants"]
+        assert (variant["check_consistency"], variant["validate"]) == want
+        assert ("checks off" in capsys.readouterr().out) == bool(flag)
+        for op in ("dispatch", "combine"):
+            assert _bytes(variant, op, "bytes") == _bytes(variant, op, "min") > 0
+    assert main(["--mode", "low-latency", "--no-checks"]) == 2

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from ..deepep.buffer import Buffer
+from .bench_report import format_table
 from .common import (
     add_run_args,
     add_shape_args,
-    compare,
     run_ranks,
     slowest_median,
     timed,
@@ -74,6 +74,7 @@ class BenchConfig:
     baselines: bool = False
     link_gbit: Optional[float] = None
     paths: Optional[int] = None
+    checks: bool = True  # False: Buffers without the agreement round and value checks (as DeepEP)
 
     def variants(self, multi_node: bool) -> list[tuple[str, bool, int]]:
         """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
@@ -96,8 +97,9 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
     topology = probe.topology
     probe.destroy()
     variants = cfg.variants(topology.is_multi_node)
+    checks = {} if cfg.checks else dict(check_consistency=False, validate=False)
     buffers = {name: Buffer(group, ranks_per_node=topology.ranks_per_node, hierarchical=hier,
-                            num_channels=c, explicitly_destroy=True)
+                            num_channels=c, explicitly_destroy=True, **checks)
                for name, hier, c in variants}
     main = next(iter(buffers.values()))
     x, topk_idx, topk_w = _routing(cfg, rank, device)
@@ -159,10 +161,11 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
             print(f"[flexep bench] iteration {it + 1}/{cfg.warmup + cfg.iters}"
                   f"{' (warm-up)' if not keep else ''}", file=sys.stderr, flush=True)
     del handle
+    settings = {name: (buf.comm.check_consistency, buf.comm.validate) for name, buf in buffers.items()}
     for buf in buffers.values():
         buf.destroy()
-    return dict(times=times, traffic=traffic, naive_bytes=naive_bytes, raw_bytes=raw["bytes"],
-                node_rows=rows_per_node,
+    return dict(times=times, settings=settings, traffic=traffic, naive_bytes=naive_bytes,
+                raw_bytes=raw["bytes"], node_rows=rows_per_node,
                 ranks_per_node=topology.ranks_per_node, variants=variants, device=str(device),
                 baselines=suite.info if suite is not None else None)
 
@@ -193,8 +196,9 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
 
     variants = []
     for name, hier, channels in per_rank[0]["variants"]:
-        row = dict(name=name, hierarchical=hier, channels=channels,
-                   dispatch_s=t[f"{name} dispatch"], combine_s=t[f"{name} combine"])
+        consistency, validate = per_rank[0]["settings"][name]  # what the Buffers were built with
+        row = dict(name=name, hierarchical=hier, channels=channels, check_consistency=consistency,
+                   validate=validate, dispatch_s=t[f"{name} dispatch"], combine_s=t[f"{name} combine"])
         for op in ("dispatch", "combine"):
             for link in ("local", "intra", "inter"):
                 row[f"{op}_{link}_bytes"] = total(f"{name} {op}", "payload", link)
@@ -238,102 +242,6 @@ def _floor(cfg: BenchConfig, rows: list, rpn: int, variants: list, raw: float) -
     return out
 
 
-def _floor_lines(s: dict) -> list:
-    f, t = s["inter_node_floor"], s["times_s"]
-    lines = ["", f"Inter-node floor: the busiest node (node {f['busiest_node']}) moves {f['rows']} "
-             f"(token, node) rows each way, {f['dispatch_bytes'] / 1e6:.2f} MB in dispatch and "
-             f"{f['combine_bytes'] / 1e6:.2f} MB in combine (from the routing, token data only)"]
-    if f["total_s"] is None:
-        lines.append("  no link rate known (give --link-gbit and --paths, or run under netbed): "
-                     "no time floor")
-        return lines
-    lines[-1] += (f"; at {f['paths']} path(s) x {f['gbit']:g} Gbit/s ({f['rate_source']}) that is "
-                  f"{f['total_s'] * 1e3:.1f} ms dispatch+combine")
-    lines.append(f"{'variant':<34}{'d+c ms':>9}{'vs floor':>10}")
-    for v in s["variants"]:
-        lines.append(f"{v['name']:<34}{(v['dispatch_s'] + v['combine_s']) * 1e3:>9.1f}"
-                     f"{f['vs_floor'][v['name']]:>9.2f}x")
-    lines.append(f"{'raw flat a2a (flat rows)':<34}{(t['raw_dispatch'] + t['raw_combine']) * 1e3:>9.1f}"
-                 f"{f['vs_floor']['raw flat a2a']:>9.2f}x")
-    return lines
-
-
-def _ratio(a: int, b: int) -> str:
-    return f"{a / b:.2f}x" if b else ("1.00x" if a == 0 else "inf")
-
-
-def format_table(s: dict) -> str:
-    """The benchmark as readable text: per-phase times, bytes and ratios."""
-    c, t, cpu, world = s["config"], s["times_s"], s["cpu_s"], s["world"]
-    lines = ["(MB/rank counts every byte handed to the transport, this rank's own block included; "
-             "'vs min' is that total over the routing's minimum)",
-             f"flexep bench: world {c['world']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
-             f"top-{c['topk']} of {c['experts']} experts, {'FP8' if c['fp8'] else 'BF16'} dispatch, "
-             f"BF16 combine, ranks/node {c['ranks_per_node']} "
-             f"({c['world'] // c['ranks_per_node']} node(s)), device {c['device']}",
-             f"{'phase':<34}{'time ms':>9}{'cpu ms':>8}{'GB/s/rank':>11}{'MB/rank':>9}{'vs min':>8}"
-             f"{'inter MB':>10}",
-             "-" * 89]
-
-    def line(name, keys, nbytes, ratio="", inter=None):
-        secs, cpu_s = sum(t[k] for k in keys), sum(cpu[k] for k in keys)
-        gbps = nbytes / secs / 1e9 if secs and nbytes else 0.0
-        inter_s = f"{inter / 1e6:.2f}" if inter is not None else ""
-        lines.append(f"{name:<34}{secs * 1e3:>9.2f}{cpu_s * 1e3:>8.1f}{gbps:>11.3f}{nbytes / 1e6:>9.2f}"
-                     f"{ratio:>8}{inter_s:>10}")
-
-    line("layout", ["layout"], 0)
-    links = ("local", "intra", "inter")
-    for v in s["variants"]:
-        for op in ("dispatch", "combine"):
-            sent = sum(v[f"{op}_{k}_bytes"] for k in links)
-            low = sum(v[f"{op}_{k}_min"] for k in links)
-            line(f"{op} ({v['name']})", [f"{v['name']} {op}"], sent // world, _ratio(sent, low),
-                 v[f"{op}_inter_bytes"] / world)
-    main = s["variants"][0]
-    line(f"dispatch+combine ({main['name']})", [f"{main['name']} dispatch", f"{main['name']} combine"],
-         sum(main[f"{op}_{k}_bytes"] for op in ("dispatch", "combine") for k in links) // world)
-    line("raw all_to_all_single, flat bytes", ["raw_dispatch", "raw_combine"], s["raw_bytes_per_rank"])
-    line("  same, into reused buffers (floor)", ["floor_dispatch", "floor_combine"],
-         s["raw_bytes_per_rank"])
-    line("naive per-(token,expert) a2a", ["naive"], 2 * s["naive_bytes_per_rank"])
-    if "baselines" in s:
-        from .baselines.report import table_rows
-        lines += table_rows(s["baselines"])
-    ours = main["dispatch_s"] + main["combine_s"]
-    raw = t["raw_dispatch"] + t["raw_combine"]
-    floor = t["floor_dispatch"] + t["floor_combine"]
-    sent = sum(main[f"{op}_{k}_bytes"] for op in ("dispatch", "combine") for k in links)
-    low = sum(main[f"{op}_{k}_min"] for op in ("dispatch", "combine") for k in links)
-    lines.append("")
-    lines.append(f"flexep dispatch+combine ({main['name']}) took {ours * 1e3:.1f} ms: "
-                 f"{compare(ours, raw, 'raw all_to_all_single of the same bytes')} "
-                 f"({compare(ours, floor, 'the same into reused buffers')}; CPU time "
-                 f"{s['cpu_ratio_vs_raw']:.2f}x raw), "
-                 f"{compare(ours, t['naive'], 'a naive per-(token, expert) exchange')} that moves "
-                 f"{_ratio(2 * s['naive_bytes_per_rank'] * world, sent)} the bytes; "
-                 f"bytes sent {_ratio(sent, low)} the routing's minimum.")
-    if "baselines" in s:
-        from .baselines.report import conclusion
-        lines += conclusion(s["baselines"], t["layout"] + ours)
-    flat = [v for v in s["variants"] if not v["hierarchical"]]
-    hier = [v for v in s["variants"] if v["hierarchical"]]
-    if flat and hier:
-        f, h = flat[0], hier[0]
-        fewer = _ratio(f["dispatch_inter_bytes"], h["dispatch_inter_bytes"])
-        lines.append(f"Hierarchical sends {fewer} fewer inter-node dispatch bytes than flat "
-                     f"({h['dispatch_inter_bytes'] / 1e6:.2f} vs "
-                     f"{f['dispatch_inter_bytes'] / 1e6:.2f} MB, "
-                     f"{_ratio(h['dispatch_inter_bytes'], h['dispatch_inter_min'])} its minimum) and is "
-                     f"{compare(h['dispatch_s'] + h['combine_s'], f['dispatch_s'] + f['combine_s'], 'flat')} "
-                     + ("here." if (s.get("inter_node_floor") or {}).get("total_s") else
-                        "here (all links of one host are equally fast; see docs/benchmarks.md for a "
-                        "network)."))
-    if "inter_node_floor" in s:
-        lines += _floor_lines(s)
-    return "\n".join(lines)
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the benchmark on local Gloo ranks (or the torchrun ranks) and summarise it."""
     return _summarise(cfg, run_ranks(_bench_worker, cfg.world, (cfg,)))
@@ -360,6 +268,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "NETBED_GBIT, else the netbed testbed the run is in)")
     g.add_argument("--paths", type=int, default=None,
                    help="parallel inter-node paths per node (default: NETBED_PATHS, else netbed's, else 1)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="time Buffers built with check_consistency=False and validate=False (no "
+                        "agreement round in combine, no value checks; docs/profile.md)")
     p.add_argument("--plot", metavar="PNG", help="write a plot of bytes and time per variant")
     p.add_argument("--baselines", action="store_true",
                    help="also time torchtitan's and Megatron-Core's dispatchers where installed, and "
@@ -374,11 +285,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
                        hierarchical=not a.flat, fp8=a.fp8, seed=a.seed, baselines=a.baselines,
                        channels=tuple(int(c) for c in str(a.channels).split(",")),
-                       link_gbit=a.link_gbit, paths=a.paths)
+                       link_gbit=a.link_gbit, paths=a.paths, checks=not a.no_checks)
 
 
 def run(a: argparse.Namespace) -> int:
     """Run ``flexep bench`` with parsed options; print on one rank; 0 on success."""
+    if a.no_checks and (a.mode == "low-latency" or a.api == "v2"):
+        print("flexep bench: --no-checks applies to the V1 normal-mode bench (low latency checks in "
+              "band, without a round)", file=sys.stderr)
+        return 2
     if a.baselines and (a.mode == "low-latency" or a.api == "v2"):
         print("flexep bench: --baselines runs with the V1 normal-mode bench (no --mode low-latency, "
               "no --api v2)", file=sys.stderr)
