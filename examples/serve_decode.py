@@ -45,50 +45,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_moe_model import CONFIG, TinyMoEModel, teacher_batch  # noqa: E402
 
 import flexep  # noqa: E402
-from flexep.elastic import POLICIES, ElasticEP, ElasticMoE  # noqa: E402
+from flexep.elastic import POLICIES, ElasticEP, ElasticMoE, TokenStreams  # noqa: E402
 from flexep.eplb import Placement, rank_loads, rebalance  # noqa: E402
 from flexep.errors import StaleGenerationError  # noqa: E402
 from flexep.launch import run_local  # noqa: E402
-
-
-class Frontend:
-    """Tokens generated so far per request, kept in the job store (``serve/<i>/<n>``). The first
-    write of a token wins and every writer continues from the stored one, so a rank that was
-    excluded but finishes a step late cannot fork a request's stream."""
-
-    def __init__(self, store, requests: int, steps: int) -> None:
-        self.store, self.requests, self.steps = store, requests, steps
-
-    def post(self, i: int, n: int, token: torch.Tensor) -> torch.Tensor:
-        data = bytes(token.contiguous().view(torch.uint8).tolist())
-        return torch.frombuffer(bytearray(self.store.compare_set(f"serve/{i}/{n}", "", data)),
-                                dtype=torch.float32).clone()
-
-    def count(self, i: int) -> int:
-        n = 0
-        while self.store.check([f"serve/{i}/{n}"]):
-            n += 1
-        return n
-
-    def token(self, i: int, n: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(self.store.get(f"serve/{i}/{n}")), dtype=torch.float32).clone()
-
-    def done(self) -> bool:
-        return all(self.count(i) >= self.steps for i in range(self.requests))
-
-    def tokens(self) -> torch.Tensor:
-        out = torch.full((self.requests, self.steps, CONFIG.hidden), float("nan"))
-        for i in range(self.requests):
-            for n in range(min(self.count(i), self.steps)):
-                out[i, n] = self.token(i, n)
-        return out
 
 
 def prompt(i: int) -> torch.Tensor:
     return torch.randn(CONFIG.hidden, generator=torch.Generator().manual_seed(1000 + i))
 
 
-def decode_step(ep: ElasticEP, moe: ElasticMoE, front: Frontend, cache: dict, requests: int,
+def decode_step(ep: ElasticEP, moe: ElasticMoE, front: TokenStreams, cache: dict, requests: int,
                 stats: dict) -> int:
     """Advance this rank's requests (contiguous blocks by EP rank) by one token; return the
     tokens still to generate over all ranks. Re-runnable: state comes from ``cache`` or, after a
@@ -139,7 +106,8 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
                      and ep.store.add("example/woken", 1) == 1 and _wake(ep.store, kill[0]))
     ep.join()
     moe.module.eval()
-    front, cache, stats = Frontend(ep.store, requests, steps), {}, dict(times=[], worst=0.0)
+    front = TokenStreams(ep.store, requests, steps, CONFIG.hidden)
+    cache, stats = {}, dict(times=[], worst=0.0)
     with torch.inference_mode():
         # Held-out loss through the normal (prefill) path on one global batch of 256 tokens, each
         # rank its shard: the training run's level, and the same at every EP size.

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexep import Buffer
-from flexep.elastic import ElasticEP, ElasticMoE
+from flexep.elastic import ElasticEP, ElasticMoE, TokenStreams
 from flexep.errors import StaleGenerationError
 from flexep.moe import MoEConfig, MoELayer
 from flexep.moe.eplb import Placement, global_placement
@@ -79,50 +79,12 @@ def _hook_between_send_and_receive(buf: Buffer, hook) -> None:
     buf.low_latency_dispatch = dispatch
 
 
-class Frontend:
-    """Generated tokens per request, in the job store: token n of request i is ``serve/<i>/<n>``.
-
-    The first write of a token wins (``compare_set`` on an absent key) and the writer continues
-    from the stored value: a rank that was excluded but finishes a step late (a frozen rank that
-    wakes inside a half-done exchange) can neither overwrite nor fork a request's stream.
-    """
-
-    def __init__(self, store) -> None:
-        self.store = store
-
-    def post(self, i: int, n: int, token: torch.Tensor) -> torch.Tensor:
-        """Offer token n of request i; returns the token the stream holds."""
-        data = bytes(token.contiguous().view(torch.uint8).tolist())
-        stored = self.store.compare_set(f"serve/{i}/{n}", "", data)
-        return torch.frombuffer(bytearray(stored), dtype=torch.float32).clone()
-
-    def count(self, i: int) -> int:
-        n = 0
-        while self.store.check([f"serve/{i}/{n}"]):
-            n += 1
-        return n
-
-    def token(self, i: int, n: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(self.store.get(f"serve/{i}/{n}")), dtype=torch.float32).clone()
-
-    def done(self) -> bool:
-        return all(self.count(i) >= STEPS for i in range(REQUESTS))
-
-    def tokens(self) -> torch.Tensor:
-        """``[REQUESTS, STEPS, H]`` every generated token (NaN where missing)."""
-        out = torch.full((REQUESTS, STEPS, CFG.hidden), float("nan"))
-        for i in range(REQUESTS):
-            for n in range(min(self.count(i), STEPS)):
-                out[i, n] = self.token(i, n)
-        return out
-
-
 def owned(rank: int, world: int) -> list[int]:
     """Requests of EP rank ``rank``: contiguous blocks (the driver re-assigns on every change)."""
     return torch.tensor_split(torch.arange(REQUESTS), world)[rank].tolist()
 
 
-def decode_iteration(ep: ElasticEP, moe: ElasticMoE, frontend: Frontend, cache: dict, mode: str) -> int:
+def decode_iteration(ep: ElasticEP, moe: ElasticMoE, frontend: TokenStreams, cache: dict, mode: str) -> int:
     """Advance this rank's unfinished requests by one token; return the tokens left (all ranks)."""
     if cache.get("generation") != ep.generation:  # ownership may have moved: re-read the frontend
         cache.clear()
@@ -204,7 +166,7 @@ def serve_worker(rank: int, world: int, spec: dict) -> dict:
     moe = ElasticMoE(ep, build, initial_placement(world, spec.get("redundant", 0)), load=LOAD,
                      policy=spec.get("policy", "rerun"), checkpoint=spec.get("checkpoint"))
     ep.on_change(lambda gen: _wake_stopped(ep, spec))
-    frontend, cache, excluded, masks = Frontend(ep.store), {}, [], {}
+    frontend, cache, excluded, masks = TokenStreams(ep.store, REQUESTS, STEPS, CFG.hidden), {}, [], {}
     left = int(ep.join(timeout=120, cancel=frontend.done))  # 0: finished before it was admitted
     iteration = 0
     while left:

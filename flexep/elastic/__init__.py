@@ -7,7 +7,8 @@
 * :mod:`~flexep.elastic.coverage` — sticky EPLB placement over the new group and weight moves;
 * :mod:`~flexep.elastic.model` — :class:`ElasticMoE`: the model follows the membership, with the
   ``rerun``, ``mask`` and ``renormalize`` policies;
-* :mod:`~flexep.elastic.training` — optimizer-inclusive checkpoints that load at any EP size.
+* :mod:`~flexep.elastic.training` — optimizer-inclusive checkpoints that load at any EP size;
+* :mod:`~flexep.elastic.streams` — :class:`TokenStreams`: served tokens in the store, first write wins.
 
 ``docs/elastic.md`` describes the state machine, the policies and their measured costs.
 """
@@ -17,8 +18,9 @@ from .ep import Change, ElasticEP, is_failure
 from .group import Generation
 from .membership import Membership, MembershipStore, job_store
 from .model import POLICIES, ElasticMoE
+from .streams import TokenStreams
 from .training import latest_step, load_state, save_state, training_placement
 
 __all__ = ["ElasticEP", "ElasticMoE", "Change", "Generation", "Membership", "MembershipStore", "POLICIES",
            "job_store", "is_failure", "plan_placement", "plan_sources", "slots_for", "training_placement",
-           "save_state", "load_state", "latest_step"]
+           "save_state", "load_state", "latest_step", "TokenStreams"]
