@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -41,9 +42,19 @@ def _tier(item) -> int:
     return 0
 
 
+def _spawns(item) -> bool:
+    """The test's own body starts processes (ranks or a command)."""
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in ("run_local(", "subprocess.", "run_ranks("))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Unmarked tests are the unit tier; run the tiers in order, keeping file order inside."""
+    """Unmarked tests are the unit tier, unless they spawn processes (then ranks); run the tiers
+    in order, keeping file order inside."""
     for item in items:
         if _tier(item) == 0:
-            item.add_marker("unit")
+            item.add_marker("ranks" if _spawns(item) else "unit")
     items.sort(key=_tier)  # stable: file and definition order inside a tier

@@ -37,7 +37,7 @@ def test_done_and_tokens_follow_the_store():
 
 def test_missing_tokens_read_as_nan_and_a_second_view_sees_the_same_streams():
     store = dist.HashStore()
-    store.set_timeout(timedelta(seconds=1))
+    store.set_timeout(timedelta(milliseconds=200))
     a = TokenStreams(store, 1, 2, 2)
     a.post(0, 0, torch.ones(2))
     b = TokenStreams(store, 1, 2, 2)

@@ -131,6 +131,7 @@ def _expected(seed: int, dead: bool) -> tuple:
     return disp, comb
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(200)
 def test_survivors_mask_a_dead_rank_and_stay_correct():
     results = run_local(_dying_rank_worker, W, timeout=180, allow_failures=True)
