@@ -324,7 +324,7 @@ class MoELayer(torch.nn.Module):
             outs = [autograd.combine(self.buffer, per_slot[:, j].to(x.dtype).contiguous(), handle)
                     for j in range(k)]
             return _sum_slots(torch.stack(outs, 1).float()).to(x.dtype)
-        return autograd.combine(self.buffer, sum_slots_per_row(y, served, m, k).to(x.dtype), handle)
+        return autograd.combine(self.buffer, sum_slots_per_row(y, served, m).to(x.dtype), handle)
 
     def _routed_low_latency(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def local_slots(recv_idx: torch.Tensor, num_local: int) -> LocalSlots:
     return LocalSlots(pos, pos // k, pos % k, torch.bincount(flat[pos], minlength=num_local))
 
 
-def sum_slots_per_row(y: torch.Tensor, served: LocalSlots, num_rows: int, k: int) -> torch.Tensor:
+def sum_slots_per_row(y: torch.Tensor, served: LocalSlots, num_rows: int) -> torch.Tensor:
     """``y [S, H]`` float32 outputs of the served pairs -> ``[M, H]`` float32, each row the sum of
     its slots in slot order 0..K-1 (a row without served slots is zero).
 

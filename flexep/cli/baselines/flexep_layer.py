@@ -53,5 +53,5 @@ class FlexepLayerDriver(harness.Driver):
     def combine(self, expert_out: torch.Tensor, state) -> torch.Tensor:
         served, weights, m, handle = state
         y = expert_out.float() * weights.unsqueeze(1)
-        summed = sum_slots_per_row(y, served, m, self.topk_idx.size(1))
+        summed = sum_slots_per_row(y, served, m)
         return autograd.combine(self.buffer, summed.to(self.x.dtype), handle)
