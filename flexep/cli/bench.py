@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..comm.accounting import wire_row_bytes
 from ..deepep.buffer import Buffer
 from .bench_report import format_table
 from .common import (
@@ -228,11 +229,13 @@ def _summarise(cfg: BenchConfig, per_rank: list) -> dict:
 def _floor(cfg: BenchConfig, rows: list, rpn: int, variants: list, raw: float) -> dict:
     """The inter-node floor of the run's routing and every variant's time over it."""
     rate = link_rate(cfg.link_gbit, cfg.paths)
-    d_row = cfg.hidden + cfg.hidden // 128 * 4 if cfg.fp8 else cfg.hidden * 2
-    f = inter_node_floor(rows, rpn, d_row, cfg.hidden * 2, rate)
-    out = dict(rows=f.rows, busiest_node=f.busiest_node, rows_out=list(f.rows_out), rows_in=list(f.rows_in),
-               dispatch_bytes=f.dispatch_bytes, combine_bytes=f.combine_bytes,
-               dispatch_s=f.dispatch_s, combine_s=f.combine_s, total_s=f.total_s,
+    combine_row = wire_row_bytes(cfg.hidden, torch.bfloat16)  # token data only (netfloor's rule)
+    dispatch_row = combine_row
+    if cfg.fp8:
+        scales = (cfg.hidden // 128, torch.float32)
+        dispatch_row = wire_row_bytes(cfg.hidden, torch.float8_e4m3fn, scales=scales)
+    f = inter_node_floor(rows, rpn, dispatch_row, combine_row, rate)
+    out = dict(asdict(f), rows_out=list(f.rows_out), rows_in=list(f.rows_in), total_s=f.total_s,
                gbit=rate.gbit if rate else None, paths=rate.paths if rate else None,
                rate_source=rate.source if rate else None, vs_floor={})
     if f.total_s:

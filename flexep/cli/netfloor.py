@@ -28,6 +28,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..algorithms.hierarchical import node_membership
+
 __all__ = ["LinkRate", "link_rate", "node_rows", "NodeFloor", "inter_node_floor"]
 
 
@@ -66,14 +68,16 @@ def link_rate(gbit: Optional[float] = None, paths: Optional[int] = None,
     file named by ``NETBED_NAME``; ``None`` when no rate is known. ``paths`` defaults to 1."""
     env = os.environ if env is None else env
     if gbit is not None:
-        return _checked(gbit, paths if paths is not None else int(env.get("NETBED_PATHS", 1)), "flags")
-    if env.get("NETBED_GBIT"):
-        return _checked(float(env["NETBED_GBIT"]), paths or int(env.get("NETBED_PATHS", 1)),
-                        "NETBED_GBIT/NETBED_PATHS")
-    state = _netbed_state(env)
-    if state:
-        return _checked(float(state["gbit"]), paths or int(state.get("paths", 1)), state["source"])
-    return None
+        default_paths, source = env.get("NETBED_PATHS", 1), "flags"
+    elif env.get("NETBED_GBIT"):
+        gbit, source = float(env["NETBED_GBIT"]), "NETBED_GBIT/NETBED_PATHS"
+        default_paths = env.get("NETBED_PATHS", 1)
+    else:
+        state = _netbed_state(env)
+        if not state:
+            return None
+        gbit, default_paths, source = float(state["gbit"]), state.get("paths", 1), state["source"]
+    return _checked(gbit, paths if paths is not None else int(default_paths), source)
 
 
 def _checked(gbit: float, paths: int, source: str) -> LinkRate:
@@ -90,11 +94,10 @@ def node_rows(is_token_in_rank: torch.Tensor, ranks_per_node: int) -> list:
     ``is_token_in_rank`` is ``[T, W]`` bool, ``W`` a multiple of ``ranks_per_node`` (node-major
     ranks). One host read (the benchmark runs it outside the timed phases).
     """
-    t, w = is_token_in_rank.shape
+    w = is_token_in_rank.size(1)
     if w % ranks_per_node:
         raise ValueError(f"is_token_in_rank: width {w} is not a multiple of ranks_per_node {ranks_per_node}")
-    per_node = is_token_in_rank.reshape(t, w // ranks_per_node, ranks_per_node).any(dim=2)
-    return [int(v) for v in per_node.sum(dim=0).cpu()]
+    return node_membership(is_token_in_rank, ranks_per_node).sum(0).tolist()
 
 
 @dataclass(frozen=True)
