@@ -2,7 +2,8 @@
 
 Every rank builds every rank's inputs from fixed seeds, so it can run the single-process oracle
 (:mod:`flexep.reference`) for the whole world and compare its own outputs with it. Checked for
-the hierarchical algorithm with 1 and 4 channels and the flat one with 4 channels: received rows
+the hierarchical algorithm with 1 channel and with the Buffer's default (which must choose 4
+channels here: each node is a network namespace of its own), and the flat one with 4 channels: received rows
 (bit for bit), their top-k ids and weights, tokens per expert, and combine's sums; the
 hierarchical results must also equal the flat ones bit for bit. Any mismatch raises, so the
 rank, its torchrun and ``netbed torchrun`` exit non-zero.
@@ -48,11 +49,19 @@ def main() -> None:
     rpn = int(os.environ["LOCAL_WORLD_SIZE"])
     group = dist.group.WORLD
     buffers = {"hier c1": flexep.Buffer(group, ranks_per_node=rpn, num_channels=1, explicitly_destroy=True),
-               "hier c4": flexep.Buffer(group, ranks_per_node=rpn, num_channels=4, explicitly_destroy=True),
+               "hier default": flexep.Buffer(group, explicitly_destroy=True),
                "flat c4": flexep.Buffer(group, ranks_per_node=rpn, hierarchical=False, num_channels=4,
                                           explicitly_destroy=True)}
-    if world > rpn and not buffers["hier c1"].hierarchical:
+    default = buffers["hier default"]
+    if world > rpn and not default.hierarchical:
         raise AssertionError("several nodes but the default Buffer is not hierarchical")
+    # Each node is its own network namespace: the default takes FLOWS_PER_PATH (4) connections
+    # per path between two nodes over FLEXEP_NET_PATHS (default 2) paths, P per channel.
+    paths = int(os.environ.get("FLEXEP_NET_PATHS", "2"))
+    want_channels = min(8, -(-4 * paths // rpn))
+    if default.num_channels != want_channels:
+        raise AssertionError(f"default Buffer chose {default.num_channels} channels across namespaces, "
+                             f"expected {want_channels} ({rpn} ranks per node, {paths} paths)")
     for case in ("random_fp32", "random_bf16", "node0_fp32"):
         every = [inputs(case, r) for r in range(world)]
         ref = ref_dispatch([e[0] for e in every], [e[1] for e in every], EXPERTS, [e[2] for e in every])
@@ -75,13 +84,13 @@ def main() -> None:
             check(f"{what} combine", combined.double(), want_comb.to(x.dtype).double(),
                   exact=x.dtype != torch.float32)
             seen[key] = (recv_x[:n], combined)
-        for key in ("hier c1", "hier c4"):
+        for key in ("hier c1", "hier default"):
             for a, b in zip(seen[key], seen["flat c4"]):
                 check(f"{case} {key} vs flat", a, b)
     dist.barrier()
     if rank == 0:
-        print(f"netbed check: hierarchical (1, 4 channels) and flat (4 channels) equal the oracle on "
-              f"{world} ranks, {world // rpn} nodes", flush=True)
+        print(f"netbed check: hierarchical (1 channel, and the default {default.num_channels}) and flat "
+              f"(4 channels) equal the oracle on {world} ranks, {world // rpn} nodes", flush=True)
     for buf in buffers.values():
         buf.destroy()
     dist.destroy_process_group()

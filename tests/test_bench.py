@@ -1,6 +1,7 @@
 """``flexep bench`` (normal mode) end to end on small shapes: it runs, checks itself, and reports
 bytes that match the routing's minimum."""
 
+import argparse
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from flexep.accounting import routing_traffic, wire_row_bytes
-from flexep.cli.bench import BenchConfig, _routing, format_table, main, run_bench
+from flexep.cli.bench import BenchConfig, _routing, format_table, main, parse_channels, run_bench
 from flexep.topology import Topology
 
 pytestmark = pytest.mark.ranks
@@ -26,7 +27,8 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys, gloo_world1):
     assert main(["--world", "2", "--tokens", "16", "--hidden", "256", "--experts", "8", "--topk", "4",
                  "--iters", "2", "--warmup", "0", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    for row in ("dispatch (flat c1)", "combine (flat c1)", "raw all_to_all_single",
+    # The Buffer's default channel count on one machine is 1.
+    for row in ("dispatch (flat c1, default)", "combine (flat c1, default)", "raw all_to_all_single",
                 "naive per-(token,expert)", "CPU time", "than raw all_to_all_single of the same bytes"):
         assert row in out, row
     summary = json.loads(path.read_text())
@@ -40,8 +42,20 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys, gloo_world1):
         want = routing_traffic(topks, 8, topo, row, hierarchical=False)
         assert _bytes(variant, op, "bytes") == _bytes(variant, op, "min") == \
             want["local"] + want["intra"] + want["inter"], op
-        assert {f"flat c1 {op}", "raw_dispatch", "naive"} <= set(summary["times_s"]), op
+        assert {f"flat c1, default {op}", "raw_dispatch", "naive"} <= set(summary["times_s"]), op
     assert dist.is_initialized() and dist.group.WORLD is gloo_world1
+
+
+def test_channels_option():
+    assert parse_channels("default,1,4") == (None, 1, 4)
+    assert parse_channels("2,2,auto") == (2, None)
+    for bad in ("0", "x", "1,,2", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive counts or 'default'"):
+            parse_channels(bad)
+    # On one machine the default resolves to 1: asking for it and for 1 times one Buffer.
+    cfg = BenchConfig(world=2, tokens=8, hidden=64, experts=4, topk=2, iters=1, warmup=0,
+                      channels=(None, 1, 2))
+    assert [v["name"] for v in run_bench(cfg)["variants"]] == ["flat c1, default", "flat c2"]
 
 
 def test_hierarchical_variants_send_fewer_inter_node_bytes():

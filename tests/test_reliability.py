@@ -245,6 +245,10 @@ DEATHS = [
     # hierarchical (2 virtual nodes of 2): the survivors' node and rail steps still name rank 3
     dict(id="hierarchical_exit_before_payload", victims=[3], phase="before_payload", action="exit",
          op="dispatch", ranks_per_node=2),
+    # the same over 2 channels (point-to-point transfers): ranks not wired to rank 3 stop on
+    # the failure a peer posts, long before their 25 s deadline
+    dict(id="hierarchical_channels_kill_before_payload", victims=[3], phase="before_payload",
+         action="kill", op="dispatch", ranks_per_node=2, channels=2, timeout=25.0),
     # rank 0 hosts the store: its death takes the store down, the roll call names the host
     dict(id="store_host_dies_after_header", victims=[0], phase="after_header", action="exit",
          op="dispatch"),

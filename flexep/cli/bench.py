@@ -69,7 +69,7 @@ class BenchConfig:
     warmup: int = 1
     ranks_per_node: Optional[int] = None
     hierarchical: bool = True
-    channels: tuple = (1,)
+    channels: tuple = (None,)
     fp8: bool = False
     seed: int = 0
     baselines: bool = False
@@ -77,10 +77,31 @@ class BenchConfig:
     paths: Optional[int] = None
     checks: bool = True  # False: Buffers without the agreement round and value checks (as DeepEP)
 
-    def variants(self, multi_node: bool) -> list[tuple[str, bool, int]]:
-        """``(name, hierarchical, channels)`` per timed configuration; the first is the main one."""
+    def variants(self, multi_node: bool) -> list[tuple[str, bool, Optional[int]]]:
+        """``(kind, hierarchical, channels)`` per timed configuration, the first the main one;
+        ``channels`` None is the Buffer's default (:mod:`flexep.comm.channels`)."""
         kinds = [("hier", True), ("flat", False)] if multi_node and self.hierarchical else [("flat", False)]
-        return [(f"{k} c{c}", h, c) for k, h in kinds for c in self.channels]
+        return [(k, h, c) for k, h in kinds for c in self.channels]
+
+
+def variant_name(kind: str, requested: Optional[int], channels: int) -> str:
+    """``"hier c4"``, or ``"hier c4, default"`` for a Buffer that chose its own count."""
+    return f"{kind} c{channels}" + (", default" if requested is None else "")
+
+
+def parse_channels(text: str) -> tuple:
+    """``"default,1,4"`` -> ``(None, 1, 4)`` (argparse ``type`` of ``--channels``)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part in ("default", "auto"):
+            out.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"takes positive counts or 'default', comma separated; got {text!r}")
+    return tuple(dict.fromkeys(out))
 
 
 def _routing(cfg: BenchConfig, rank: int, device: torch.device) -> tuple:
@@ -97,11 +118,18 @@ def _bench_worker(rank: int, world: int, device: torch.device, cfg: BenchConfig)
     probe = Buffer(group, ranks_per_node=cfg.ranks_per_node, explicitly_destroy=True)
     topology = probe.topology
     probe.destroy()
-    variants = cfg.variants(topology.is_multi_node)
     checks = {} if cfg.checks else dict(check_consistency=False, validate=False)
-    buffers = {name: Buffer(group, ranks_per_node=topology.ranks_per_node, hierarchical=hier,
-                            num_channels=c, explicitly_destroy=True, **checks)
-               for name, hier, c in variants}
+    buffers, variants, seen = {}, [], set()
+    for kind, hier, c in cfg.variants(topology.is_multi_node):
+        buf = Buffer(group, ranks_per_node=topology.ranks_per_node, hierarchical=hier, num_channels=c,
+                     explicitly_destroy=True, **checks)
+        if (kind, buf.num_channels) in seen:  # the default chose a count also asked for explicitly
+            buf.destroy()
+            continue
+        seen.add((kind, buf.num_channels))
+        name = variant_name(kind, c, buf.num_channels)
+        buffers[name] = buf
+        variants.append((name, hier, buf.num_channels))
     main = next(iter(buffers.values()))
     x, topk_idx, topk_w = _routing(cfg, rank, device)
     x_in = x
@@ -265,7 +293,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="node size (default: detected; smaller than the world makes virtual nodes)")
     g.add_argument("--flat", action="store_true", help="force the flat algorithm across nodes")
-    g.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2,4")
+    g.add_argument("--channels", default="default", type=parse_channels,
+                   help="channel counts to time, e.g. 1,2,4; 'default' is the Buffer's own choice "
+                        "(1 on one machine, more across machines on Gloo; docs/normal-mode.md)")
     g.add_argument("--link-gbit", type=float, default=None,
                    help="each inter-node path's rate in Gbit/s, for the inter-node floor (default: "
                         "NETBED_GBIT, else the netbed testbed the run is in)")
@@ -287,7 +317,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     return BenchConfig(world=a.world, tokens=a.tokens, hidden=a.hidden, experts=a.experts,
                        topk=a.topk, iters=a.iters, warmup=a.warmup, ranks_per_node=a.ranks_per_node,
                        hierarchical=not a.flat, fp8=a.fp8, seed=a.seed, baselines=a.baselines,
-                       channels=tuple(int(c) for c in str(a.channels).split(",")),
+                       channels=a.channels,
                        link_gbit=a.link_gbit, paths=a.paths, checks=not a.no_checks)
 
 

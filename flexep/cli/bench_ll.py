@@ -174,7 +174,8 @@ def _one_size(rank: int, world: int, tokens: int, cfg: dict) -> dict:
     use_fp8 = cfg["fp8"]
     x, topk_idx, weights = _inputs(rank, tokens, hidden, num_topk, num_experts)
     size = Buffer.get_low_latency_rdma_size_hint(tokens, hidden, world, num_experts)
-    bufs = {c: Buffer(dist.group.WORLD, 0, size, low_latency_mode=True, num_channels=c,
+    bufs = {c: Buffer(dist.group.WORLD, 0, size, low_latency_mode=True,
+                      num_channels=None if c == "default" else c,
                       ranks_per_node=cfg["ranks_per_node"]) for c in cfg["channels"]}
     first = bufs[cfg["channels"][0]]
     y = _check(rank, world, first, x, topk_idx, weights, num_experts)
@@ -305,15 +306,15 @@ def format_table(summary: dict) -> str:
 
 def run_low_latency_bench(world_size: int = 4, tokens: Sequence[int] = (1, 8, 128), hidden: int = 7168,
                           num_topk: int = 8, num_experts: int = 256, iters: int = 10, warmup: int = 2,
-                          fp8: bool = True, channels: Sequence[int] = (1,),
+                          fp8: bool = True, channels: Sequence = (1,),
                           ranks_per_node: Optional[int] = None, normal: bool = False, profile: bool = False,
                           json_path: Optional[str] = None) -> dict:
     """Spawn ``world_size`` Gloo ranks, check correctness, time LL against the raw exchange at
     every batch size in ``tokens``, print a table.
 
     Returns the summary: ``config`` and per batch size ``results[str(tokens)]`` with ``raw_ms``,
-    and per channel count ``c<C>`` the LL times, ``ratio`` to the raw exchange and
-    ``bytes_ratio`` (also written to ``json_path`` when given).
+    and per channel count ``c<C>`` (``"default"``: the Buffer's own choice) the LL times,
+    ``ratio`` to the raw exchange and ``bytes_ratio`` (also written to ``json_path`` when given).
     """
     config = dict(world_size=world_size, tokens=list(tokens), hidden=hidden, num_topk=num_topk,
                   num_experts=num_experts, iters=iters, warmup=warmup, fp8=bool(fp8), channels=list(channels),
@@ -367,6 +368,6 @@ def run(a) -> int:
         tokens, hidden, iters, warmup = [min(t, 16) for t in tokens][:2], min(hidden, 1024), 2, 1
     run_low_latency_bench(world_size=a.world, tokens=tokens, hidden=hidden, num_topk=a.topk,
                           num_experts=a.experts, iters=iters, warmup=warmup, fp8=True,
-                          channels=[int(c) for c in str(a.channels).split(",")],
+                          channels=["default" if c is None else c for c in a.channels],
                           ranks_per_node=a.ranks_per_node, json_path=a.json)
     return 0

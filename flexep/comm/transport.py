@@ -23,6 +23,7 @@ Gloo has no float8 type, so tensors are moved as same-size integer views (:func:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -156,8 +157,12 @@ class Transport:
             return
         watcher: Optional[FailureWatcher] = None
         try:
+            p2p = [w.work for w in ex.works if isinstance(w, _PointToPoint)]
+            if p2p and ex.sliced:
+                watcher = self._wait_p2p(p2p, watcher)
             for w in ex.works:
-                watcher = self._wait_one(w, watcher, ex.sliced)
+                if not (ex.sliced and isinstance(w, _PointToPoint)):
+                    watcher = self._wait_one(w, watcher, ex.sliced)
         except Exception as exc:  # noqa: BLE001 - every backend error is re-raised, typed
             raise self._failure(ex.phase, exc) from exc
         finally:
@@ -208,10 +213,9 @@ class Transport:
         hierarchical exchange, a ring collective), so a rank whose partners are alive would only
         notice a dead peer at its own deadline, long after the ranks next to the victim. On Gloo
         the wait is therefore cut into slices; once a wait has lasted one slice, a watcher thread
-        polls the store for a failure another rank posted. Point-to-point operations (channels)
-        get one wait with the time left: when a timed Gloo send/recv wait expires, Gloo tears
-        down every connection of the group, so a slice would turn a slow transfer into a
-        failure. Other backends get one wait with the time left (a timed-out NCCL wait may abort).
+        polls the store for a failure another rank posted. Gloo's point-to-point operations
+        (channels) go through :meth:`_wait_p2p` instead. Other backends get one wait with the
+        time left (a timed-out NCCL wait may abort).
         """
         p2p = isinstance(work, _PointToPoint)
         work = work.work if p2p else work
@@ -230,6 +234,37 @@ class Transport:
                 watcher = self.detector.watcher()
             if watcher.report is not None:
                 raise RuntimeError(f"stopped waiting: {watcher.report}")
+
+    def _wait_p2p(self, works: list, watcher: Optional[FailureWatcher]) -> Optional[FailureWatcher]:
+        """Wait for Gloo send/recv ``works`` until the deadline, giving up early on a posted failure.
+
+        A timed Gloo send/recv wait that expires closes every connection of its group, and the
+        works only complete inside ``wait``, so they cannot be waited on in slices or polled: a
+        helper thread waits on them once with the time left while this thread waits on the
+        helper in slices and consults the store, as :meth:`_wait_one` does for collectives. After
+        an early stop the helper stays blocked until the deadline (the transport is broken by
+        then).
+        """
+        done, failed = threading.Event(), []
+
+        def wait_all() -> None:
+            try:
+                for w in works:
+                    w.wait(timeout=timedelta(seconds=max(1e-3, self.remaining())))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait_all, name="flexep-p2p-wait", daemon=True).start()
+        while not done.wait(SLICE):
+            if watcher is None:
+                watcher = self.detector.watcher()
+            if watcher.report is not None:
+                raise RuntimeError(f"stopped waiting: {watcher.report}")
+        if failed:
+            raise failed[0]
+        return watcher
 
     def _failure(self, phase: str, exc: BaseException) -> FlexepRuntimeError:
         """Classify a failed wait, name the peers not heard from, and poison the transport."""

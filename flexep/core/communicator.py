@@ -39,12 +39,12 @@ from ..algorithms.hierarchical import Hierarchical
 from ..algorithms.low_latency import LowLatency
 from ..algorithms.slot_combine import SlotCombine
 from ..algorithms.sync_free import SyncFree
+from ..comm import channels
 from ..comm.control import ControlPlane
 from ..comm.failure import FailureDetector
 from ..comm.topology import Topology, build_topology_groups, resolve_ranks_per_node, subgroup
 from ..comm.transport import Transport
 from ..device import group_carries
-from . import checks as C
 from . import ll_agreement
 from .ll_calls import LowLatencyCalls
 from .normal_calls import NormalCalls, Requested
@@ -62,7 +62,10 @@ class Options:
             torchrun's ``LOCAL_WORLD_SIZE``, else the ranks' host names). Smaller values make
             "virtual nodes" on one machine.
         hierarchical: use the two-hop algorithm when the group spans several nodes.
-        num_channels: split every exchange into this many concurrent channels (own groups).
+        num_channels: split every exchange into this many concurrent channels (own groups);
+            ``None``: ``FLEXEP_NUM_CHANNELS``, else chosen from the backend and the node shape
+            (:mod:`flexep.comm.channels`: 1 on one machine and on NCCL/HCCL/XCCL, several flows
+            per network path on Gloo across machines).
         timeout: seconds a call may wait in total (default ``FLEXEP_TIMEOUT`` or 100).
         check_consistency: run the cross-rank agreement checks in calls that need no counts.
         validate: check tensor contents. ``None`` (default): in normal mode on every device
@@ -77,7 +80,7 @@ class Options:
 
     ranks_per_node: Optional[int] = None
     hierarchical: bool = True
-    num_channels: int = 1
+    num_channels: Optional[int] = None
     timeout: Optional[float] = None
     check_consistency: bool = True
     validate: Optional[bool] = None
@@ -116,10 +119,11 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
             raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
         self.group = group
         self.rank, self.world = group.rank(), group.size()
-        num_channels, timeout = 1, resolve_timeout(None)
+        num_channels, paths, timeout = 1, 1, resolve_timeout(None)
         try:
-            C.check_int("num_channels", options.num_channels, minimum=1)
-            num_channels, timeout = options.num_channels, resolve_timeout(options.timeout)
+            num_channels = channels.requested_channels(options.num_channels)
+            paths = channels.net_paths() if num_channels == channels.AUTO else 0
+            timeout = resolve_timeout(options.timeout)
         except (TypeError, ValueError) as exc:
             error = error or exc
         verify = options.verify
@@ -146,17 +150,21 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         # that every rank built it the same way. new_group waits for all members, so ranks
         # creating different numbers of groups would otherwise block instead of raising.
         agree = dict(agree or {})
-        values = [random.getrandbits(62), self.topology.ranks_per_node, num_channels,
-                  int(self.hierarchical), *agree.values()]
+        values = [random.getrandbits(62), channels.host_id(), self.topology.ranks_per_node, num_channels,
+                  paths, int(self.hierarchical), *agree.values()]
         tp.begin("init")
         control.extra_width = len(values)
         header = control.round("init", error=error, check=False, extra=torch.tensor(values))
-        for col, name in enumerate(("ranks_per_node", "num_channels", "hierarchical", *agree), start=1):
+        names = ("ranks_per_node", "num_channels", "FLEXEP_NET_PATHS", "hierarchical", *agree)
+        for col, name in enumerate(names, start=2):
             column = header.extra[:, col].tolist()
             if len(set(column)) > 1:
                 raise ValueError(f"{label}: ranks disagree on {name}: {column}; every rank must "
                                  "construct with the same value")
         self.uid = int(header.extra[0, 0])
+        if num_channels == channels.AUTO:
+            num_channels = channels.auto_channels(self.topology, header.extra[:, 1].tolist(),
+                                                  dist.get_backend(group), self.hierarchical, paths)
         tp.detector = FailureDetector(self.uid, self.rank, self.world, store_host)
         lanes: dict = {"ep": [subgroup(group, list(range(self.world))) for _ in range(num_channels - 1)]}
         if self.hierarchical:

@@ -67,7 +67,7 @@ class Buffer(LowLatencyMethods):
                  use_fabric: bool = False, explicitly_destroy: bool = False,
                  enable_shrink: bool = False, comm: Optional[object] = None, *,
                  ranks_per_node: Optional[int] = None, hierarchical: bool = True,
-                 num_channels: int = 1, timeout: Optional[float] = None,
+                 num_channels: Optional[int] = None, timeout: Optional[float] = None,
                  check_consistency: bool = True, validate: Optional[bool] = None,
                  verify: Optional[bool] = None, generation: int = 0,
                  _fault_hook: Optional[Callable[[str], None]] = None) -> None:

@@ -78,7 +78,7 @@ class _Base(V2Face):
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         timeout = flexep.get("timeout", num_cpu_timeout_secs)
         options = Options(ranks_per_node=flexep.get("ranks_per_node"), hierarchical=self.allow_hybrid_mode,
-                          num_channels=flexep.get("num_channels", 1), timeout=timeout,
+                          num_channels=flexep.get("num_channels"), timeout=timeout,
                           check_consistency=flexep.get("check_consistency",
                                                        True), validate=flexep.get("validate"),
                           verify=flexep.get("verify"))
