@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import flexep
 from flexep.algorithms import ll_reduce
+from flexep.algorithms.ll_wire import eager_host
 from flexep.comm.pool import BufferPool
 from flexep.errors import CommTimeoutError, RankMismatchError
 from flexep.launch import run_local
@@ -58,20 +59,36 @@ def _fma_reference(x, slot, w):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_owner_reduce_host_path_is_the_dense_arithmetic(dtype):
     g = torch.Generator().manual_seed(3)
-    for num_local, rows, hidden, topk in ((4, 12, 64, 3), (3, 7, 5, 2), (2, 1, 128, 1), (8, 40, 96, 8)):
+    # (the host path works in steps of about 128 local pairs: the last cases take several, and
+    # rows with no local pair, or no local pair at all)
+    for num_local, rows, hidden, topk, share in ((4, 12, 64, 3, 0.5), (3, 7, 5, 2, 0.5), (2, 1, 128, 1, 0.5),
+                                                 (8, 40, 96, 8, 0.5), (4, 150, 16, 8, 0.3),
+                                                 (2, 64, 8, 8, 1.0), (2, 9, 8, 4, 0.0)):
         x = torch.randn(num_local, rows, hidden, generator=g).to(dtype)
         x.view(-1)[::5] = float("nan")  # unused slots may hold anything
-        local = torch.rand(rows, topk, generator=g) < 0.5
+        local = torch.rand(rows, topk, generator=g) < share
         slot = torch.where(local, torch.randint(0, num_local * rows, (rows, topk), generator=g),
                            num_local * rows)
         used = torch.randn(int(local.sum()), hidden, generator=g).to(dtype)
         x.view(num_local * rows, hidden)[slot[local]] = used
         w = torch.rand(rows, topk, generator=g)
         pool = BufferPool()
+        assert eager_host(x)  # so reduce_owner takes the host path
         host = ll_reduce.reduce_owner(x, slot, w, pool.get).clone()
         dense = ll_reduce.reduce_owner_dense(x, slot, w, pool.get, torch.empty(rows, hidden, dtype=dtype))
         assert torch.equal(host, dense)
-        assert torch.equal(host, _fma_reference(x, slot, w)), (num_local, rows, hidden, topk)
+        assert torch.equal(host, _fma_reference(x, slot, w)), (num_local, rows, hidden, topk, share)
+
+
+def test_host_path_only_in_plain_eager_host_execution():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = torch.zeros(2)
+    assert eager_host(t)
+    with FakeTensorMode():  # data-dependent sizes would fail there: the static path is used
+        assert not eager_host(torch.zeros(2))
+    assert not eager_host(torch.zeros(2, device="meta"))
+    assert torch.compile(lambda a: a + eager_host(a), fullgraph=True, backend="eager")(t).tolist() == [0, 0]
 
 
 # ---- on two ranks -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .ll_wire import Alloc, _fresh, as_words
+from .ll_wire import Alloc, _fresh, as_words, eager_host
 
 __all__ = ["reduce_owner", "reduce_owner_dense", "sum_partials"]
 
@@ -37,13 +37,14 @@ def reduce_owner(x: torch.Tensor, recv_slot: torch.Tensor, weights: torch.Tensor
     for those rows. Only slots that a received row selects are read: unused slots of ``x`` may
     hold anything (even NaN).
 
-    On the host the work follows the pairs that are local (:func:`_reduce_bags`); elsewhere
-    every (row, k) pair is processed with static shapes (:func:`reduce_owner_dense`). Both give
-    the same bits.
+    On the host the work follows the pairs that are local (:func:`_reduce_bags`); elsewhere,
+    and where shapes must stay static (:func:`~flexep.algorithms.ll_wire.eager_host`), every
+    (row, k) pair is processed with static shapes (:func:`reduce_owner_dense`). Both give the
+    same bits.
     """
     if out is None:
         out = alloc("ll_partial", (x.size(1), x.size(2)), x.dtype, x.device)
-    if x.device.type == "cpu" and x.dtype != torch.float64:
+    if eager_host(x) and x.dtype != torch.float64:
         return _reduce_bags(x, recv_slot, weights, alloc, out)
     return reduce_owner_dense(x, recv_slot, weights, alloc, out)
 
@@ -81,43 +82,39 @@ def reduce_owner_dense(x: torch.Tensor, recv_slot: torch.Tensor, weights: torch.
 
 def _reduce_bags(x: torch.Tensor, recv_slot: torch.Tensor, weights: torch.Tensor, alloc: Alloc,
                  out: torch.Tensor) -> torch.Tensor:
-    """Host path of :func:`reduce_owner`: two ``embedding_bag`` passes per step of rows.
+    """Host path of :func:`reduce_owner`: only the local (row, k) pairs are touched.
 
-    Per step of ``c`` rows the ``c*K`` pairs are ordered local-first (k order kept). Pass 1
-    gathers the local pairs' rows of ``x`` (a bag of one row is an exact copy; a pair that is
-    not local is an empty bag, so its slot is never read); they are widened to float32; pass 2
-    sums each row's bag of local pairs with ``per_sample_weights`` -- the float32
-    ``acc = fma(w, x, acc)`` chain in k order, as the dense path. The bag kernels stop at each
-    bag's end, so the multiply-adds follow the pairs that are local; the shapes stay static.
+    The local pairs, in (row, k) order, are listed once (on the host a data-dependent size
+    costs nothing). Per step of whole rows holding about :data:`_BAG_PAIRS` pairs, their rows of
+    ``x`` are gathered and widened to float32, then one ``embedding_bag`` with
+    ``per_sample_weights`` sums each row's pairs -- the float32 ``acc = fma(w, x, acc)`` chain in
+    k order, as the dense path (a row with no local pair is an empty bag: 0). Rows of ``x`` that
+    no pair selects are never read.
     """
     num_local, rows, hidden = x.shape
-    num_topk = recv_slot.size(1)
     table = x.reshape(num_local * rows, hidden)
-    spare = num_local * rows
-    c = max(1, min(rows, _BAG_PAIRS // max(1, num_topk)))
-    steps = -(-rows // c)
-    padded = steps * c
-    valid = torch.zeros(padded, num_topk, dtype=torch.bool, device=x.device)
-    valid[:rows] = recv_slot < spare
-    slots = torch.zeros(padded, num_topk, dtype=torch.int64, device=x.device)
-    slots[:rows] = torch.where(valid[:rows], recv_slot, 0)
-    w = torch.zeros(padded, num_topk, dtype=torch.float32, device=x.device)
-    w[:rows] = weights
-    per_step = valid.view(steps, c * num_topk)
-    order = torch.argsort(~per_step, dim=1, stable=True)  # local pairs first, in pair order
-    ids = slots.view(steps, -1).gather(1, order)
-    pair_offsets = torch.zeros(steps, c * num_topk + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(per_step, 1, out=pair_offsets[:, 1:])
-    row_offsets = torch.zeros(steps, c + 1, dtype=torch.int64, device=x.device)
-    torch.cumsum(valid.sum(1).view(steps, c), 1, out=row_offsets[:, 1:])
-    psw = w.view(steps, -1).gather(1, order)
-    wide = alloc("ll_wide", (c * num_topk, hidden), torch.float32, x.device)
-    for i in range(steps):
-        lo, hi = i * c, min(rows, (i + 1) * c)
-        wide.copy_(F.embedding_bag(ids[i], table, pair_offsets[i], mode="sum", include_last_offset=True))
-        part = F.embedding_bag(order[i], wide, row_offsets[i], mode="sum", per_sample_weights=psw[i],
-                               include_last_offset=True)
-        out[lo:hi].copy_(part[:hi - lo])
+    valid = recv_slot < num_local * rows
+    slots, w = recv_slot[valid], weights[valid]  # [P] in (row, k) order
+    ends = valid.sum(1).cumsum(0)  # [R] pairs up to and including each row
+    # Rows of a step: the first row whose pairs end past the next multiple of _BAG_PAIRS closes it.
+    cuts = torch.searchsorted(ends, torch.arange(_BAG_PAIRS, int(ends[-1]) + _BAG_PAIRS, _BAG_PAIRS),
+                              right=False) if rows else ends
+    bounds = sorted({0, rows, *(min(rows, int(c) + 1) for c in cuts)})
+    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = ends
+    most = max(int(offsets[hi] - offsets[lo]) for lo, hi in zip(bounds, bounds[1:])) if rows else 0
+    picked = alloc("ll_picked", (max(1, most), hidden), x.dtype, x.device)
+    wide = alloc("ll_wide", (max(1, most), hidden), torch.float32, x.device)
+    positions = torch.arange(max(1, most), device=x.device)
+    for lo, hi in zip(bounds, bounds[1:]):
+        p0, p1 = int(offsets[lo]), int(offsets[hi])
+        n = p1 - p0
+        if n:
+            torch.index_select(table, 0, slots[p0:p1], out=picked[:n])
+            wide[:n].copy_(picked[:n])
+        part = F.embedding_bag(positions[:n], wide[:max(1, n)], offsets[lo:hi + 1] - p0, mode="sum",
+                               per_sample_weights=w[p0:p1], include_last_offset=True)
+        out[lo:hi].copy_(part)
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..quant import FP8_MAX, fp8_dtype, pack_ue8m0
 
@@ -261,6 +262,16 @@ class DispatchOutputs:
         return self.src_flat[:-1].view(self.recv_count.size(0), -1)
 
 
+def eager_host(t: torch.Tensor) -> bool:
+    """Whether a data-dependent size is free for ``t``: a host tensor in plain eager execution.
+
+    Not under ``torch.compile`` or a dispatch mode (``FakeTensorMode``, tracing, the tests'
+    host-sync guard), which need the static shapes the accelerator path keeps.
+    """
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode())
+
+
 def expand_dispatch(recv: torch.Tensor, out: DispatchOutputs, row: WireRow, rank: int,
                     num_ranks: int) -> None:
     """Fill ``out`` from the received wire rows ``recv: [R, B] uint8`` (rank order, Q per source).
@@ -270,8 +281,9 @@ def expand_dispatch(recv: torch.Tensor, out: DispatchOutputs, row: WireRow, rank
     ``recv_count = [3]``, layout_range = ``[(0 << 32) | 1, (1 << 32) | 2]``.
 
     Cost: the index math is over the ``R x K`` received (row, k) pairs; data moves only for the
-    rows that arrived, once per local expert they chose (pairs that are not local all land on
-    one spare row, which stays in cache). Slots past ``recv_count`` keep whatever they held;
+    rows that arrived, once per local expert they chose (on the host only those pairs are
+    copied; elsewhere, with static shapes, pairs that are not local all land on one spare row,
+    which stays in cache). Slots past ``recv_count`` keep whatever they held;
     ``recv_src_info`` is ``-1`` there (a pass over ``L * R`` int32).
     """
     rows, num_local = recv.size(0), out.recv_count.size(0)
@@ -298,11 +310,21 @@ def expand_dispatch(recv: torch.Tensor, out: DispatchOutputs, row: WireRow, rank
     out.src_flat.fill_(-1)
     out.src_flat.scatter_(0, slot.view(-1), src.expand(rows, num_topk).reshape(-1))
     data, dst = as_words(recv[:, :row.data_bytes]), as_words(out.x_flat)
-    for k in range(num_topk):
-        dst.index_copy_(0, slot[:, k], data)
+    scales = None
     if out.scales_store is not None:
         scales = recv[:, row.scale_offset:row.src_offset].view(out.scales_store.dtype)
-        by_token = out.scales_store.transpose(1, 2)  # [L + 1, R, S'] view, spare expert L
+    by_token = None if scales is None else out.scales_store.transpose(1, 2)  # [L + 1, R, S'], spare L
+    if eager_host(recv):  # move only the local pairs' rows
+        pair_row, pair_k = is_local.nonzero().unbind(1)
+        flat = slot[pair_row, pair_k]
+        dst.index_copy_(0, flat, data.index_select(0, pair_row))
+        if scales is not None:
+            by_token.index_put_((torch.div(flat, rows, rounding_mode="floor"), flat % rows),
+                                scales.index_select(0, pair_row))
+        return
+    for k in range(num_topk):
+        dst.index_copy_(0, slot[:, k], data)
+    if scales is not None:
         flat = slot.view(-1)
         per_pair = scales.unsqueeze(1).expand(rows, num_topk, scales.size(1)).reshape(rows * num_topk, -1)
         by_token.index_put_((torch.div(flat, rows, rounding_mode="floor"), flat % rows), per_pair)
