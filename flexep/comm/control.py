@@ -33,6 +33,7 @@ never itself be the mismatched message.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -56,6 +57,8 @@ FIELDS = ("magic", "op", "seq", "generation", "error", "num_tokens", "hidden", "
 # Per-rank values that ride along for every rank to read, never compared across ranks.
 PER_RANK_FIELDS = ("num_tokens", "num_worst_tokens", "bad_values")
 _F = len(FIELDS)
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+_COMPARED = tuple(n for n in FIELDS[5:] if n not in PER_RANK_FIELDS)
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.int8,
            torch.int32, torch.int64, torch.bool]
 _DTYPES += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
@@ -90,7 +93,12 @@ class Header:
     per_dest: torch.Tensor
 
     def field(self, name: str) -> list[int]:
-        return self.fields[:, FIELDS.index(name)].tolist()
+        return list(self._columns[_INDEX[name]])
+
+    @cached_property
+    def _columns(self) -> list[tuple]:
+        """The fields table as host columns, read once (a verdict reads most of them)."""
+        return list(zip(*self.fields.tolist())) if self.fields.size(0) else [()] * _F
 
 
 class ControlPlane:
@@ -154,16 +162,20 @@ class ControlPlane:
         fields[0], fields[1], fields[2] = MAGIC, OPS[op], self.tp.seq
         fields[3], fields[4] = self.generation, int(error is not None)
         for name, v in values.items():
-            fields[FIELDS.index(name)] = int(v)
+            fields[_INDEX[name]] = int(v)
         ok = error is None
-        head = torch.tensor(fields, dtype=torch.int64, device=dev)
-        if ok and bad_values is not None:
-            head[_F - 1] = bad_values.to(device=dev, dtype=torch.int64)  # stays on the device
-        parts = [head]
         width = world + extra_width
-        parts.append(_part(send_counts if ok else None, world, dev))
-        parts.append(_part(extra if ok else None, extra_width, dev))
-        row = torch.cat(parts)
+        if on_device:  # built on the device: nothing is read back
+            head = torch.tensor(fields, dtype=torch.int64, device=dev)
+            if ok and bad_values is not None:
+                head[_F - 1] = bad_values.to(device=dev, dtype=torch.int64)
+            row = torch.cat([head, _part(send_counts if ok else None, world, dev),
+                             _part(extra if ok else None, extra_width, dev)])
+        else:  # a host row: one tensor from the values (each part crosses to the host once, as before)
+            if ok and bad_values is not None:
+                fields[_F - 1] = int(bad_values.cpu())
+            row = torch.tensor(fields + _values(send_counts if ok else None, world)
+                               + _values(extra if ok else None, extra_width), dtype=torch.int64)
         self.tp.fault_point("before_header")
         group = self.tp.group if on_device or self.host_group is self.tp.group else self.host_group
         if per_dest_width:
@@ -223,9 +235,7 @@ class ControlPlane:
             odd = _minority(list(zip(ops, seqs)))
             raise RankMismatchError(f"ranks are not making the same call ({calls}); every rank must "
                                     "call the same methods in the same order", ranks=odd, **kw)
-        for name in FIELDS[5:]:
-            if name in PER_RANK_FIELDS:
-                continue
+        for name in _COMPARED:
             vals = h.field(name)
             if len({v for v in vals if v != ANY}) <= 1:
                 continue
@@ -240,6 +250,13 @@ def _part(t: Optional[torch.Tensor], width: int, device: torch.device) -> torch.
     if t is None:
         return torch.zeros(width, dtype=torch.int64, device=device)
     return t.to(device=device, dtype=torch.int64).reshape(width)
+
+
+def _values(t: Optional[torch.Tensor], width: int) -> list[int]:
+    """``t`` (any device, ``width`` values) as host ints; zeros when None."""
+    if t is None:
+        return [0] * width
+    return t.cpu().reshape(width).tolist()
 
 
 def _minority(vals: Sequence) -> list[int]:

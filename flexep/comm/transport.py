@@ -91,6 +91,7 @@ class Transport:
         self._deadline = float("inf")
         self.stats = TrafficStats()
         self.workspace = Workspace()  # scratch reused across calls (see flexep.comm.workspace)
+        self._sliced: dict = {}  # group -> whether its waits can be sliced (its backend is Gloo)
 
     # ---- call lifecycle -------------------------------------------------------------------
     def begin(self, op: str) -> int:
@@ -143,7 +144,9 @@ class Transport:
             else:
                 works += _channels(s, r, send_counts, recv_counts, lanes, me)
         # Gloo survives a timed-out wait (it can be waited on again); other backends may not.
-        sliced = dist.get_backend(group) == "gloo"
+        sliced = self._sliced.get(group)
+        if sliced is None:
+            sliced = self._sliced[group] = dist.get_backend(group) == "gloo"
         return Exchange(phase, works, members, group, sends, recvs, send_counts, recv_counts,
                         check=self.verify and payload, sliced=sliced)
 

@@ -14,6 +14,8 @@ Two kinds:
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -134,10 +136,48 @@ def check_topk_values(topk_idx: torch.Tensor, num_experts: int, name: str = "top
                              "each expert may appear at most once per token")
 
 
-def dispatch_value_flags(req) -> torch.Tensor:
+@dataclass(frozen=True)
+class LayoutStamp:
+    """What a ``get_dispatch_layout`` call read and returned, to recognise them in ``dispatch``.
+
+    Holds weak references to ``topk_idx`` and the three layout tensors with their version
+    counters (bumped by every in-place change), ``num_experts``, and whether ``topk_idx``'s
+    values were checked then. A dispatch that passes these very tensors, unchanged, needs no
+    consistency check: the layout was computed from that ``topk_idx``.
+    """
+
+    refs: tuple
+    versions: tuple
+    num_experts: int
+    values_checked: bool
+
+    @staticmethod
+    def of(topk_idx: torch.Tensor, layout, num_experts: int, values_checked: bool) -> LayoutStamp:
+        tensors = (topk_idx, layout.num_tokens_per_rank, layout.is_token_in_rank,
+                   layout.num_tokens_per_expert)
+        return LayoutStamp(tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
+                           num_experts, values_checked)
+
+    def matches(self, req) -> bool:
+        """Whether ``req`` (a DispatchRequest) carries exactly these tensors, unchanged."""
+        tensors = (req.topk_idx, req.num_tokens_per_rank, req.is_token_in_rank, req.num_tokens_per_expert)
+        return req.num_experts == self.num_experts and all(
+            ref() is t and t._version == v for ref, v, t in zip(self.refs, self.versions, tensors))
+
+
+def dispatch_value_flags(req, stamp: Optional[LayoutStamp] = None) -> Optional[torch.Tensor]:
     """0-dim int64 on the request's device, non-zero when a value check of ``req`` fails:
     ``topk_idx`` range/repeats, ``num_tokens_per_rank == is_token_in_rank.sum(0)``, and
-    ``num_tokens_per_expert`` equal to the experts ``topk_idx`` chooses."""
+    ``num_tokens_per_expert`` equal to the experts ``topk_idx`` chooses.
+
+    With ``stamp`` matching ``req`` (the layout tensors of that very ``topk_idx``, unchanged)
+    the counts agree by construction and only the ``topk_idx`` values are checked, unless the
+    layout call checked them already: then None (nothing can fail).
+    """
+    if stamp is not None and stamp.matches(req):
+        if stamp.values_checked:
+            return None
+        return topk_flags(req.topk_idx, req.num_experts)
     send_counts = req.is_token_in_rank.sum(0)
     bad = torch.zeros((), dtype=torch.int64, device=req.device)
     if req.num_tokens_per_rank is not None:

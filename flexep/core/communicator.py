@@ -45,6 +45,7 @@ from ..comm.failure import FailureDetector
 from ..comm.topology import Topology, build_topology_groups, resolve_ranks_per_node, subgroup
 from ..comm.transport import Transport
 from ..device import group_carries
+from . import checks as C
 from . import ll_agreement
 from .ll_calls import LowLatencyCalls
 from .normal_calls import NormalCalls, Requested
@@ -132,6 +133,7 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         self.options = options
         self.check_consistency = bool(options.check_consistency)
         self.validate = options.validate
+        self._layout_stamp: Optional[C.LayoutStamp] = None  # the last get_dispatch_layout's tensors
         # Control rows that must not touch the device go over the host; an accelerator-only
         # group cannot move CPU tensors, so it gets a Gloo side group over the same ranks.
         self.host_group = None if group_carries(group, "cpu") else subgroup(group, list(range(self.world)),

@@ -38,9 +38,13 @@ class NormalCalls:
         self.ensure_alive()
         C.check_num_experts(num_experts, self.world)
         C.check_topk_idx(topk_idx, None, num_experts, values=False)
-        topk_idx = C.check_topk_idx(topk_idx, None, num_experts, values=self._validate_now(topk_idx))
+        checked = self._validate_now(topk_idx)
+        idx64 = C.check_topk_idx(topk_idx, None, num_experts, values=checked)
         per = self.topology.ranks_per_node if self.topology.is_multi_node else None
-        return compute_layout(topk_idx, num_experts, self.world, per)
+        lay = compute_layout(idx64, num_experts, self.world, per)
+        # dispatch recognises these tensors and skips the checks they pass by construction
+        self._layout_stamp = C.LayoutStamp.of(idx64, lay, num_experts, checked)
+        return lay
 
     def check_dispatch(self, req: DispatchRequest) -> None:
         """Structure checks of a dispatch request (raises ``TypeError``/``ValueError``)."""
@@ -63,7 +67,7 @@ class NormalCalls:
             if local <= width:
                 per_dest = req.num_tokens_per_expert.view(world, local)
             if self.validate is not False:
-                flags = C.dispatch_value_flags(req)
+                flags = C.dispatch_value_flags(req, self._layout_stamp)
         staged: list = []
         early = req is not None and req.device.type == "cpu"
         if early:  # counts are on the host already: build the send rows during the round
