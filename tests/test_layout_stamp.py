@@ -83,3 +83,27 @@ def test_checks_skipped_only_for_the_layouts_own_unchanged_tensors():
         else:
             assert out["counts_changed"].startswith("RemoteInputError: rank(s) [0] rejected"), out
             assert out["topk_changed"].startswith("RemoteInputError: rank(s) [0] rejected"), out
+
+
+@pytest.mark.unit
+def test_stamp_never_matches_missing_or_freed_tensors():
+    from types import SimpleNamespace
+
+    idx = torch.tensor([[0, 1]])
+    lay = SimpleNamespace(num_tokens_per_rank=torch.ones(2),
+                          is_token_in_rank=torch.ones(1, 2, dtype=torch.bool),
+                          num_tokens_per_expert=torch.ones(4))
+    stamp = checks.LayoutStamp.of(idx, lay, 4, True)
+    req = SimpleNamespace(topk_idx=idx, num_tokens_per_rank=lay.num_tokens_per_rank,
+                          is_token_in_rank=lay.is_token_in_rank,
+                          num_tokens_per_expert=lay.num_tokens_per_expert, num_experts=4)
+    assert stamp.matches(req)
+    assert not stamp.matches(SimpleNamespace(**{**vars(req), "num_experts": 8}))
+    del lay, idx
+    # the layout's tensors freed, the request passing None where they were: no match, no error
+    freed = SimpleNamespace(topk_idx=None, num_tokens_per_rank=None, is_token_in_rank=req.is_token_in_rank,
+                            num_tokens_per_expert=req.num_tokens_per_expert, num_experts=4)
+    stamp = checks.LayoutStamp.of(torch.zeros(1, 2, dtype=torch.int64), SimpleNamespace(
+        num_tokens_per_rank=torch.ones(2), is_token_in_rank=torch.ones(1, 2, dtype=torch.bool),
+        num_tokens_per_expert=torch.ones(4)), 4, True)
+    assert not stamp.matches(freed)

@@ -162,7 +162,8 @@ class LayoutStamp:
         """Whether ``req`` (a DispatchRequest) carries exactly these tensors, unchanged."""
         tensors = (req.topk_idx, req.num_tokens_per_rank, req.is_token_in_rank, req.num_tokens_per_expert)
         return req.num_experts == self.num_experts and all(
-            ref() is t and t._version == v for ref, v, t in zip(self.refs, self.versions, tensors))
+            t is not None and ref() is t and t._version == v
+            for ref, v, t in zip(self.refs, self.versions, tensors))
 
 
 def dispatch_value_flags(req, stamp: Optional[LayoutStamp] = None) -> Optional[torch.Tensor]:
