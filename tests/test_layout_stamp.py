@@ -107,3 +107,23 @@ def test_stamp_never_matches_missing_or_freed_tensors():
         num_tokens_per_rank=torch.ones(2), is_token_in_rank=torch.ones(1, 2, dtype=torch.bool),
         num_tokens_per_expert=torch.ones(4)), 4, True)
     assert not stamp.matches(freed)
+
+
+@pytest.mark.unit
+def test_no_stamp_for_inference_tensors():
+    """Tensors made under torch.inference_mode have no version counter: always checked."""
+    from types import SimpleNamespace
+
+    with torch.inference_mode():
+        idx = torch.tensor([[0, 1]])
+        lay = SimpleNamespace(num_tokens_per_rank=torch.ones(2),
+                              is_token_in_rank=torch.ones(1, 2, dtype=torch.bool),
+                              num_tokens_per_expert=torch.ones(4))
+    assert checks.LayoutStamp.of(idx, lay, 4, True) is None
+    stamp = checks.LayoutStamp.of(torch.zeros(1, 2, dtype=torch.int64), SimpleNamespace(
+        num_tokens_per_rank=torch.ones(2), is_token_in_rank=torch.ones(1, 2, dtype=torch.bool),
+        num_tokens_per_expert=torch.ones(4)), 4, True)
+    req = SimpleNamespace(topk_idx=idx, num_tokens_per_rank=lay.num_tokens_per_rank,
+                          is_token_in_rank=lay.is_token_in_rank,
+                          num_tokens_per_expert=lay.num_tokens_per_expert, num_experts=4)
+    assert not stamp.matches(req)

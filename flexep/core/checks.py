@@ -152,9 +152,13 @@ class LayoutStamp:
     values_checked: bool
 
     @staticmethod
-    def of(topk_idx: torch.Tensor, layout, num_experts: int, values_checked: bool) -> LayoutStamp:
+    def of(topk_idx: torch.Tensor, layout, num_experts: int, values_checked: bool) -> Optional[LayoutStamp]:
+        """The stamp, or None when a tensor has no version counter (made under
+        ``torch.inference_mode``): an in-place change could not be told then."""
         tensors = (topk_idx, layout.num_tokens_per_rank, layout.is_token_in_rank,
                    layout.num_tokens_per_expert)
+        if any(t.is_inference() for t in tensors):
+            return None
         return LayoutStamp(tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
                            num_experts, values_checked)
 
@@ -162,7 +166,7 @@ class LayoutStamp:
         """Whether ``req`` (a DispatchRequest) carries exactly these tensors, unchanged."""
         tensors = (req.topk_idx, req.num_tokens_per_rank, req.is_token_in_rank, req.num_tokens_per_expert)
         return req.num_experts == self.num_experts and all(
-            t is not None and ref() is t and t._version == v
+            t is not None and ref() is t and not t.is_inference() and t._version == v
             for ref, v, t in zip(self.refs, self.versions, tensors))
 
 
