@@ -469,6 +469,8 @@ def _world2_worker(rank: int, world: int, skip_timeout: float) -> dict:
     res["unchecked"] = dict(ok=got["ok"], experts_listed=len(got["value"][0][3]) if got["ok"] else -1)
     res["verify"] = _verify_cases(rank, world)
     res["ctor_channels"] = _attempt(lambda: Buffer(dist.group.WORLD, timeout=20, num_channels=1 + rank))
+    res["ctor_default"] = _attempt(lambda: Buffer(dist.group.WORLD, timeout=20,
+                                                  num_channels=None if rank == 0 else 2))
     res["after_ctor"] = _roundtrip(buf, rank, world, seed=6)
     # Last, each on its own group (a timeout poisons the group it happens on).
     short = Buffer(dist.new_group([0, 1]), timeout=skip_timeout)
@@ -592,4 +594,6 @@ def test_constructor_disagreement_raises_on_every_rank(world2):
         assert not got["ok"] and got["err"]["types"][0] == "ValueError", got
         assert "Buffer: ranks disagree on num_channels: [1, 2]" in got["err"]["msg"], got
         assert got["elapsed"] < 10.0, got
+        got = world2[rank]["ctor_default"]  # the default (None) against an explicit count
+        assert not got["ok"] and "ranks disagree on num_channels: [None, 2]" in got["err"]["msg"], got
         assert world2[rank]["after_ctor"]

@@ -161,6 +161,8 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         for col, name in enumerate(names, start=2):
             column = header.extra[:, col].tolist()
             if len(set(column)) > 1:
+                if name == "num_channels":  # the default travels as AUTO
+                    column = [None if v == channels.AUTO else v for v in column]
                 raise ValueError(f"{label}: ranks disagree on {name}: {column}; every rank must "
                                  "construct with the same value")
         self.uid = int(header.extra[0, 0])
