@@ -422,12 +422,14 @@ def test_benchmark_runs_and_checks_itself(tmp_path, capsys):
 
     path = tmp_path / "bench_ll.json"
     summary = run_low_latency_bench(world_size=2, tokens=(1, 8), hidden=256, num_topk=4, num_experts=8,
-                                    iters=1, warmup=0, channels=(1, 2), normal=True, profile=True,
+                                    iters=1, warmup=0, channels=(1, 2, "default"), normal=True, profile=True,
                                     json_path=str(path))
     assert path.exists() and set(summary["results"]) == {"1", "8"}
     for row in summary["results"].values():
         assert row["raw_ms"] > 0 and row["c1"]["ratio"] > 0 and row["c2"]["ll_ms"] > 0
+        assert (row["c1"]["channels"], row["c2"]["channels"], row["cdefault"]["channels"]) == (1, 2, 1)
         assert 1.0 <= row["c1"]["bytes_ratio"] < 3.0  # LL pads to capacity; never below the minimum
         assert row["profile_ms"]["total"] > 0 and row["normal_ms"] > 0
     out = capsys.readouterr().out
     assert "raw both ways ms" in out and "where LL dispatch+combine spends its time" in out
+    assert "          1  1* " in out and "* the Buffer's default" in out  # one machine: 1 channel

@@ -213,7 +213,8 @@ def _one_size(rank: int, world: int, tokens: int, cfg: dict) -> dict:
             for k, v in t.items():
                 times.setdefault(k, []).append(v)
     out = dict(times=times, sent=sent, raw_bytes=raw.bytes_out + raw.bytes_back,
-               cpu={k: statistics.median(v) for k, v in cpu.items()})
+               cpu={k: statistics.median(v) for k, v in cpu.items()},
+               channels={str(c): buf.num_channels for c, buf in bufs.items()})
     if cfg["profile"]:  # every rank makes the calls; rank 0 reports
         profile = _profile(lambda: both(first), max(3, cfg["iters"] // 2))
         if rank == 0:
@@ -257,7 +258,8 @@ def _summarise(per_rank: list, config: dict) -> dict:
                "raw_bytes": max(r["raw_bytes"] for r in runs)}
         for c in config["channels"]:
             ll_bytes = max(r["sent"][f"ll_dispatch_c{c}"] + r["sent"][f"ll_combine_c{c}"] for r in runs)
-            row[f"c{c}"] = {"ll_ms": ms(f"ll_c{c}"), "dispatch_ms": ms(f"ll_dispatch_c{c}"),
+            row[f"c{c}"] = {"channels": runs[0]["channels"][str(c)],
+                            "ll_ms": ms(f"ll_c{c}"), "dispatch_ms": ms(f"ll_dispatch_c{c}"),
                             "combine_ms": ms(f"ll_combine_c{c}"), "ratio": ms(f"ll_c{c}") / row["raw_ms"],
                             "ll_cpu_ms": cpu_ms(f"ll_c{c}"), "ll_bytes": ll_bytes,
                             "bytes_ratio": ll_bytes / max(1, row["raw_bytes"])}
@@ -283,7 +285,8 @@ def format_table(summary: dict) -> str:
     for tokens, row in summary["results"].items():
         for ch in c["channels"]:
             v = row[f"c{ch}"]
-            line = (f"{tokens:>11} {ch:>3} {v['ll_ms']:>16.2f} {row['raw_ms']:>17.2f} {v['ratio']:>6.2f}x "
+            label = f"{v['channels']}*" if ch == "default" else str(ch)
+            line = (f"{tokens:>11} {label:>3} {v['ll_ms']:>16.2f} {row['raw_ms']:>17.2f} {v['ratio']:>6.2f}x "
                     f"{v['dispatch_ms']:>12.2f} {v['combine_ms']:>11.2f} {v['bytes_ratio']:>13.2f} "
                     f"{v['ll_cpu_ms']:>8.2f} / {row['raw_cpu_ms']:<5.2f}")
             if c["normal"]:
@@ -297,6 +300,8 @@ def format_table(summary: dict) -> str:
         for name in names:
             lines.append(f"{name:<42}" + "".join(f"{row['profile_ms'][name]:>11.2f}"
                                                  for row in summary["results"].values()))
+    if "default" in c["channels"]:
+        lines.append("ch: channels; * the Buffer's default (num_channels=None)")
     lines.append("ratio = LL dispatch+combine / raw all_to_all_single of the minimal bytes each way; bytes "
                  "LL/min: what LL hands the backend for its peers (rows padded to capacity, weights, "
                  "headers) over the raw exchange's; CPU ms: one rank's process CPU time per call (its "
