@@ -36,6 +36,7 @@ from .bench_report import format_table
 from .common import (
     add_run_args,
     add_shape_args,
+    parse_channels,
     run_ranks,
     slowest_median,
     timed,
@@ -87,21 +88,6 @@ class BenchConfig:
 def variant_name(kind: str, requested: Optional[int], channels: int) -> str:
     """``"hier c4"``, or ``"hier c4, default"`` for a Buffer that chose its own count."""
     return f"{kind} c{channels}" + (", default" if requested is None else "")
-
-
-def parse_channels(text: str) -> tuple:
-    """``"default,1,4"`` -> ``(None, 1, 4)`` (argparse ``type`` of ``--channels``)."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if part in ("default", "auto"):
-            out.append(None)
-        elif part.isdigit() and int(part) >= 1:
-            out.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"takes positive counts or 'default', comma separated; got {text!r}")
-    return tuple(dict.fromkeys(out))
 
 
 def _routing(cfg: BenchConfig, rank: int, device: torch.device) -> tuple:

@@ -42,6 +42,7 @@ from ..buffer import Buffer
 from ..launch import run_local
 from ..quant import per_token_cast_to_fp8
 from ..utils import calc_diff
+from .common import parse_channels
 
 __all__ = ["run_low_latency_bench", "format_table", "main", "run", "PROFILE_PHASES"]
 
@@ -333,6 +334,12 @@ def run_low_latency_bench(world_size: int = 4, tokens: Sequence[int] = (1, 8, 12
     return summary
 
 
+def _labels(channels: Sequence[Optional[int]]) -> list:
+    """Channel counts from :func:`~flexep.cli.common.parse_channels`, the Buffer's default
+    (None) named ``"default"`` (it keys the results: ``c1``, ``cdefault``)."""
+    return ["default" if c is None else c for c in channels]
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world", type=int, default=4, help="local ranks to spawn (Gloo)")
     p.add_argument("--tokens", default="1,8,128", help="tokens per rank (= capacity), comma separated")
@@ -341,7 +348,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--channels", default="1", help="channel counts to time, e.g. 1,2")
+    p.add_argument("--channels", default="1", type=parse_channels,
+                   help="channel counts to time, e.g. 1,2; 'default' is the Buffer's own choice")
     p.add_argument("--fp8", action="store_true", help="dispatch FP8 e4m3 (DeepEP's default); else BF16")
     p.add_argument("--ranks-per-node", type=int, default=None, help="virtual node size (accounting only)")
     p.add_argument("--normal", action="store_true", help="also time normal mode on the same tokens")
@@ -354,7 +362,7 @@ def main(argv=None) -> int:
     add_args(p)
     a = p.parse_args(argv)
     run_low_latency_bench(a.world, [int(t) for t in a.tokens.split(",")], a.hidden, a.topk, a.experts,
-                          a.iters, a.warmup, a.fp8, [int(c) for c in a.channels.split(",")],
+                          a.iters, a.warmup, a.fp8, _labels(a.channels),
                           a.ranks_per_node, a.normal, a.profile, a.json)
     return 0
 
@@ -373,6 +381,6 @@ def run(a) -> int:
         tokens, hidden, iters, warmup = [min(t, 16) for t in tokens][:2], min(hidden, 1024), 2, 1
     run_low_latency_bench(world_size=a.world, tokens=tokens, hidden=hidden, num_topk=a.topk,
                           num_experts=a.experts, iters=iters, warmup=warmup, fp8=True,
-                          channels=["default" if c is None else c for c in a.channels],
+                          channels=_labels(a.channels),
                           ranks_per_node=a.ranks_per_node, json_path=a.json)
     return 0

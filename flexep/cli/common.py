@@ -7,10 +7,12 @@
 * :func:`slowest_median` turns per-rank samples into one figure per phase: the slowest rank of
   each iteration (an exchange is as slow as its slowest member), the median over iterations.
 * :func:`compare` words a ratio as users read it: ``"1.4x slower than raw all_to_all"``.
+* :func:`parse_channels` reads ``--channels`` (``default`` = the Buffer's own count).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -24,7 +26,7 @@ from ..comm.objects import all_gather_object
 from ..launch import init_from_env, run_local
 
 __all__ = ["under_torchrun", "run_ranks", "timed", "slowest_median", "compare", "write_json",
-           "add_shape_args", "add_run_args"]
+           "add_shape_args", "add_run_args", "parse_channels"]
 
 
 def under_torchrun() -> bool:
@@ -128,3 +130,18 @@ def add_run_args(p, *, iters: int) -> None:
     g.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     g.add_argument("--quick", action="store_true", help="a short run that checks the set-up")
     g.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+
+
+def parse_channels(text: str) -> tuple:
+    """``"default,1,4"`` -> ``(None, 1, 4)`` (argparse ``type`` of ``--channels``)."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part in ("default", "auto"):
+            out.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"takes positive counts or 'default', comma separated; got {text!r}")
+    return tuple(dict.fromkeys(out))
