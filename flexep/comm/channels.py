@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from typing import Optional
 
 from .topology import Topology
 
@@ -35,25 +36,32 @@ FLOWS_PER_PATH = 4
 MAX_CHANNELS = 8
 
 
+def _env_count(name: str) -> Optional[int]:
+    """The positive integer in environment variable ``name``, None when unset or empty."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {env!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
 def requested_channels(num_channels) -> int:
     """The agreed request: ``num_channels``, else ``FLEXEP_NUM_CHANNELS``, else :data:`AUTO`.
 
     Raises ``TypeError``/``ValueError`` naming the argument for anything but a positive int.
     """
-    source = "num_channels"
     if num_channels is None:
-        env = os.environ.get("FLEXEP_NUM_CHANNELS", "").strip()
-        if not env:
-            return AUTO
-        source = "FLEXEP_NUM_CHANNELS"
-        try:
-            num_channels = int(env)
-        except ValueError:
-            raise ValueError(f"FLEXEP_NUM_CHANNELS must be a positive integer, got {env!r}") from None
+        env = _env_count("FLEXEP_NUM_CHANNELS")
+        return AUTO if env is None else env
     if not isinstance(num_channels, int) or isinstance(num_channels, bool):
-        raise TypeError(f"{source} must be an int or None, got {type(num_channels).__name__}")
+        raise TypeError(f"num_channels must be an int or None, got {type(num_channels).__name__}")
     if num_channels < 1:
-        raise ValueError(f"{source} must be >= 1, got {num_channels}")
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
     return num_channels
 
 
@@ -70,14 +78,8 @@ def host_id() -> int:
 
 def net_paths() -> int:
     """Parallel inter-node paths per node: ``FLEXEP_NET_PATHS``, default 2."""
-    env = os.environ.get("FLEXEP_NET_PATHS", "").strip()
-    try:
-        paths = int(env) if env else 2
-    except ValueError:
-        raise ValueError(f"FLEXEP_NET_PATHS must be a positive integer, got {env!r}") from None
-    if paths < 1:
-        raise ValueError(f"FLEXEP_NET_PATHS must be >= 1, got {paths}")
-    return paths
+    paths = _env_count("FLEXEP_NET_PATHS")
+    return 2 if paths is None else paths
 
 
 def auto_channels(topology: Topology, host_ids: list[int], backend: str, hierarchical: bool,
