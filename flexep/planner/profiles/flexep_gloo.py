@@ -9,8 +9,10 @@ the network hop finished before the forward hop starts, and separate passes over
 * a call's fixed cost is Python and Gloo's per-call work, milliseconds rather than
   microseconds (``launch_us``, ``peer_us``, ``host_sync_us`` for the control round);
 * TCP over ``tbf`` reaches about 93% of the configured rate (headers, acknowledgements);
-* one flow per peer per channel (``qps_per_peer`` = flexep's default ``num_channels=1``); Gloo
-  sends a whole block per message, so there is no per-chunk posting cost.
+* one flow per peer per channel; ``qps_per_peer=1`` is the planner's count when no channels are
+  given (one channel), not flexep's own default across machines (4 for 2 nodes x 2 ranks over 2
+  paths, :mod:`flexep.comm.channels`): pass the channel count to compare with a default Buffer.
+  Gloo sends a whole block per message, so there is no per-chunk posting cost.
 """
 
 from ..profile import Profile
