@@ -36,32 +36,32 @@ def test_world2_two_nodes_of_one():
     check_world(2, ranks_per_node=1)
 
 
-def _cases(rank: int) -> list[tuple[str, torch.Tensor, object]]:
+def _cases(rank: int, world: int, experts: int) -> list[tuple[str, torch.Tensor, object]]:
     """(name, topk_idx, x) for adversarial routings; top-k from 1 to 8."""
     out = []
     for k in (1, 2, 5, 8):
         gen = torch.Generator().manual_seed(100 * k + rank)
-        out.append((f"random_k{k}", routing(gen, 24, EXPERTS, k, "holes"),
+        out.append((f"random_k{k}", routing(gen, 24, experts, k, "holes"),
                     make_x(gen, rank, 24, HIDDEN, "fp32")))
     gen = torch.Generator().manual_seed(7 + rank)
-    # Every token to node 0 only (ranks 0 and 1 own experts 0..15): node 1 receives nothing.
-    to_node0 = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(20)])
+    # Every token to node 0 only (its 2 ranks own the first experts): the others receive nothing.
+    to_node0 = torch.stack([torch.randperm(2 * experts // world, generator=gen)[:4] for _ in range(20)])
     out.append(("all_to_node0", to_node0, make_x(gen, rank, 20, HIDDEN, "fp32")))
-    out.append(("fp8", routing(gen, 16, EXPERTS, 4), make_x(gen, rank, 16, HIDDEN, "fp8")))
+    out.append(("fp8", routing(gen, 16, experts, 4), make_x(gen, rank, 16, HIDDEN, "fp8")))
     return out
 
 
-def _flat_vs_hier(rank: int, world: int) -> dict:
+def _flat_vs_hier(rank: int, world: int, experts: int = EXPERTS, channels=(1, 2, 3, 4)) -> dict:
     group = dist.group.WORLD
     flat = flexep.Buffer(group, ranks_per_node=2, hierarchical=False)
-    hier = {c: flexep.Buffer(group, ranks_per_node=2, num_channels=c) for c in (1, 2, 3, 4)}
-    assert hier[1].hierarchical and not flat.hierarchical
+    hier = {c: flexep.Buffer(group, ranks_per_node=2, num_channels=c) for c in channels}
+    assert hier[channels[0]].hierarchical and not flat.hierarchical
     out = {}
-    for name, topk, x in _cases(rank):
+    for name, topk, x in _cases(rank, world, experts):
         w = weights(torch.Generator().manual_seed(rank), topk)
         results = {}
         for key, buf in [("flat", flat)] + [(f"hier{c}", b) for c, b in hier.items()]:
-            lay = buf.get_dispatch_layout(topk, EXPERTS)
+            lay = buf.get_dispatch_layout(topk, experts)
             recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
                 x, num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1],
                 is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=topk, topk_weights=w)
@@ -84,15 +84,24 @@ def _bits(t):
 
 
 def test_hierarchical_equals_flat_every_channel_count():
-    world = 4
-    per_rank = run_local(_flat_vs_hier, world, timeout=300)
+    _check_flat_vs_hier(4, EXPERTS, (1, 2, 3, 4))
+
+
+def test_hierarchical_equals_flat_three_nodes():
+    # The middle node's own rows sit between the other nodes' in the rail buffers (the ends'
+    # own rows are at one end): its combine lands the network partials around them.
+    _check_flat_vs_hier(6, 24, (1, 3))
+
+
+def _check_flat_vs_hier(world: int, experts: int, channels: tuple) -> None:
+    per_rank = run_local(_flat_vs_hier, world, (experts, channels), timeout=300)
     topo = Topology(world, 2)
     for name in per_rank[0]:
         topks = [per_rank[r][name]["topk"] for r in range(world)]
         for r in range(world):
             res = per_rank[r][name]["results"]
             flat = res["flat"]
-            assert flat["rdma"] is not None and flat["rdma"].shape == (2,)
+            assert flat["rdma"] is not None and flat["rdma"].shape == (world // 2,)
             for key, got in res.items():
                 msg = f"{name} rank {r} {key}"
                 # Dispatch is bitwise identical to the flat algorithm.
@@ -110,15 +119,15 @@ def test_hierarchical_equals_flat_every_channel_count():
         # Accounting: what the ranks sent equals an independent count from topk_idx.
         row = _row_bytes(per_rank[0][name]["results"]["flat"]["recv_x"], topks[0].size(1))
         for key, hierarchical in (("flat", False), ("hier1", True), ("hier3", True)):
-            want = routing_traffic(topks, EXPERTS, topo, row, hierarchical)
+            want = routing_traffic(topks, experts, topo, row, hierarchical)
             for link in ("intra", "inter"):
                 sent = sum(per_rank[r][name]["results"][key]["d_traffic"].payload[link]
                            for r in range(world))
                 minimum = sum(per_rank[r][name]["results"][key]["d_traffic"].minimum[link]
                               for r in range(world))
                 assert sent == minimum == want[link], f"{name} {key} {link}: {sent} {minimum} {want}"
-        flat_inter = routing_traffic(topks, EXPERTS, topo, row, False)["inter"]
-        hier_inter = routing_traffic(topks, EXPERTS, topo, row, True)["inter"]
+        flat_inter = routing_traffic(topks, experts, topo, row, False)["inter"]
+        hier_inter = routing_traffic(topks, experts, topo, row, True)["inter"]
         assert hier_inter <= flat_inter
 
 
