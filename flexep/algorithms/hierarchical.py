@@ -139,6 +139,7 @@ class HierRoute:
     rail_src_idx: torch.Tensor  # [R1'] int32, source token index of each rail row received
     rail_src_tokens: tuple
     node_counts: torch.Tensor  # [W, N] int64 host, every rank's tokens per node (the routing's)
+    rail_weights: Optional[tuple]  # (send, recv) rail channel weights per rail peer, or None
 
     def members(self) -> tuple[list, list]:
         """EP ranks of this rank's (rail group, node group), in group-rank order."""
@@ -207,21 +208,41 @@ class Hierarchical:
     def __init__(self, tp: Transport, groups: TopologyGroups, owner: int) -> None:
         self.tp, self.groups, self.owner = tp, groups, owner
         self.topo = tp.topo
-        self.extra_width = self.topo.num_nodes
+        nodes, self.lanes = self.topo.num_nodes, tp.lanes("rail")
+        # Per-node token counts, then (with channels) this rank's rail channel weights per node.
+        self.extra_width = nodes + (nodes * self.lanes if self.lanes > 1 else 0)
 
     def extra(self, req: DispatchRequest) -> torch.Tensor:
-        """``[N]`` this rank's tokens with an expert on each node."""
-        return node_membership(req.is_token_in_rank, self.topo.ranks_per_node).sum(0)
+        """``[N]`` this rank's tokens with an expert on each node, then, with C > 1 channels,
+        ``[N * C]`` the weights by which the rail peer on each node is to cut its rows to this
+        rank over the channels (:meth:`Transport.recv_weights`)."""
+        counts = node_membership(req.is_token_in_rank, self.topo.ranks_per_node).sum(0)
+        if self.lanes == 1:
+            return counts
+        rail = self.topo.rail_ranks(self.topo.local_rank_of(self.tp.rank))
+        weights = torch.tensor(self.tp.recv_weights("rail", rail), dtype=counts.dtype, device=counts.device)
+        return torch.cat([counts, weights])
+
+    def _rail_weights(self, header: Header, rail_members: Sequence[int]) -> Optional[tuple]:
+        """``(send, recv)`` channel weights per rail peer, from the weights every rank published."""
+        if self.lanes == 1:
+            return None
+        nodes, lanes, me_node = self.topo.num_nodes, self.lanes, self.topo.node_of(self.tp.rank)
+        cols = header.extra[:, nodes:].view(-1, nodes, lanes)
+        send = [tuple(cols[peer, me_node].tolist()) for peer in rail_members]
+        recv = [tuple(cols[self.tp.rank, n].tolist()) for n in range(nodes)]
+        return tuple(send), tuple(recv)
 
     def stage(self, req: DispatchRequest, sends: Sends) -> _Staged:
         """Rows for hop 1, one per (token, destination node), grouped by node."""
         per, nodes = self.topo.ranks_per_node, self.topo.num_nodes
         in_node = node_membership(req.is_token_in_rank, per)
-        order = send_order(in_node, sum(sends.extra))
+        node_rows = sends.extra[:nodes]
+        order = send_order(in_node, sum(node_rows))
         mask = None
         if req.topk_idx is None:
             # Without top-k ids the forwarder cannot tell which of its node's ranks want the token.
-            node_of_row = segment_ids(sends.extra, req.device)
+            node_of_row = segment_ids(node_rows, req.device)
             mask = req.is_token_in_rank.view(-1, nodes, per)[order, node_of_row].to(torch.uint8)
         meta, specs = pack_token_meta(order, req.topk_idx, req.topk_weights, req.scales, extra=mask)
         return _Staged(order, gather_rows(self.tp.workspace, "send_x", wire_view(req.x), order), meta, specs)
@@ -249,13 +270,14 @@ class Hierarchical:
         intra = dict(group=self.groups.intra, role="intra", members=node_members)
 
         # Hop 1: one row per (token, destination node) over the rail; posted, not waited.
-        rail_send = header.extra[rank].tolist()
+        rail_send = header.extra[rank, :topo.num_nodes].tolist()
         rail_recv = header.extra[rail_members, me_node].tolist()
+        weights = self._rail_weights(header, rail_members)
         rail_x = ws.get("rail_recv", (sum(rail_recv), x.size(1)), wire_view(x).dtype, device)
         rail_meta = staged.meta.new_empty(sum(rail_recv), staged.meta.size(1))
         tp.fault_point("before_payload")
         rail = tp.start("rail", [staged.x, staged.meta], [rail_x, rail_meta], rail_send, rail_recv,
-                        group=self.groups.rail, role="rail", members=rail_members)
+                        group=self.groups.rail, role="rail", members=rail_members, lane_weights=weights)
 
         # Hop 2, counts from the routing: local rank p gets, from forwarder f, the tokens of f's
         # rail with an expert on p; the own part is f's own tokens, the rest came over the rail.
@@ -306,7 +328,8 @@ class Hierarchical:
             topo=topo, groups=self.groups, rank=rank, rail_order=staged.order, rail_send=tuple(rail_send),
             rail_recv=tuple(rail_recv), own=own, rest=rest, perm=perm,
             in_node=node_membership(req.is_token_in_rank, per), want=want, rail_src_idx=got[0].view(-1),
-            rail_src_tokens=tuple(src_tokens[r] for r in rail_members), node_counts=header.extra)
+            rail_src_tokens=tuple(src_tokens[r] for r in rail_members),
+            node_counts=header.extra[:, :topo.num_nodes], rail_weights=weights)
         handle = NormalHandle(
             is_token_in_rank=req.is_token_in_rank, recv_src_idx=recv.src_idx, counts=counts,
             src_tokens=tuple(src_tokens), rank=rank, handle_channels=req.handle_channels,
@@ -336,7 +359,8 @@ class Hierarchical:
         rail_out = [ws.get(name("rail_recv", i), (sum(route.rail_recv), *t.shape[1:]), t.dtype, t.device)
                     for i, t in enumerate(rail_in)]
         rail = tp.start("rail", rail_in, rail_out, route.rail_send, route.rail_recv,
-                        group=self.groups.rail, role="rail", members=rail_members)
+                        group=self.groups.rail, role="rail", members=rail_members,
+                        lane_weights=route.rail_weights)
         fwd_out = [ws.get(name("intra_recv", i), (split + sum(route.rest.recv), *t.shape[1:]), t.dtype,
                           t.device) for i, t in enumerate(rail_in)]
         tp.all_to_all("intra", [gather_rows(ws, name("fwd_send", i), t[s_lo:s_hi], route.own.order)
@@ -401,7 +425,7 @@ class Hierarchical:
                    if split_landing else _without(t, s_lo, s_hi) for i, t in enumerate(at_src)]
         rail = tp.start("rail", partial, landing, _zero(route.rail_recv, me_node),
                         _zero(route.rail_send, me_node), group=self.groups.rail, role="rail",
-                        members=rail_members)
+                        members=rail_members, lane_weights=route.rail_weights)
         # ... while this node's own tokens are reduced the same way, straight into their place.
         at_fwd = [ws.get(f"at_fwd_own{i}", (sum(route.own.send), t.size(1)), t.dtype, t.device)
                   for i, t in enumerate(back)]

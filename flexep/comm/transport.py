@@ -12,6 +12,12 @@ Every byte flexep moves goes through :meth:`Transport.start` (post an exchange) 
 * **Channels.** With ``num_channels = C > 1`` each peer's block of rows is cut into C contiguous
   row ranges that travel on C process groups concurrently (point-to-point, zero copy). With one
   channel a single ``all_to_all_single`` is used, the fastest primitive on Gloo and NCCL.
+* **Channel balance.** An exchange may cut each peer's rows by per-channel weights instead of
+  evenly (``lane_weights``). On Gloo the receiver then times each channel's arrival and steers
+  its weights for that peer towards equal finishing times (:meth:`Transport.recv_weights`):
+  a connection keeps its network path (ECMP hashes it once), so a path that a hash crowded
+  stays crowded, and its channels get fewer rows. The caller publishes the weights so that
+  both ends cut alike.
 * **Verification.** With ``verify=True`` every payload exchange is followed by a checksum round
   (:mod:`flexep.comm.verify`) that raises on every rank if any pair lost or altered rows.
 * **Accounting.** Bytes handed to the backend are recorded per link class in the call's
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
@@ -57,6 +63,10 @@ class Exchange:
     check: bool
     sliced: bool
     done: bool = False
+    role: str = "ep"
+    # (work, EP peer, channel, bytes): receives whose arrival times steer the channel weights
+    timed: list = field(default_factory=list)
+    posted: float = 0.0
 
 
 class Transport:
@@ -92,6 +102,7 @@ class Transport:
         self.stats = TrafficStats()
         self.workspace = Workspace()  # scratch reused across calls (see flexep.comm.workspace)
         self._sliced: dict = {}  # group -> whether its waits can be sliced (its backend is Gloo)
+        self._weights: dict = {}  # (role, EP peer) -> channel weights for rows from that peer
 
     # ---- call lifecycle -------------------------------------------------------------------
     def begin(self, op: str) -> int:
@@ -114,24 +125,55 @@ class Transport:
     def remaining(self) -> float:
         return self._deadline - time.monotonic()
 
+    def lanes(self, role: str) -> int:
+        """Channels of ``role``'s exchanges."""
+        return 1 + len(self.channels.get(role, []))
+
+    def recv_weights(self, role: str, peers: Sequence[int]) -> list[int]:
+        """``[len(peers) * C]`` integer weights (each peer's sum is ``WEIGHT_SUM``) for cutting
+        the rows each of ``peers`` sends this rank over ``role``'s channels: equal at first, then
+        as steered by the measured arrivals. Publish them; senders cut by the published values.
+        """
+        lanes = self.lanes(role)
+        out: list[int] = []
+        for peer in peers:
+            w = self._weights.get((role, peer))
+            out += _quantize(w) if w is not None else _even(lanes)
+        return out
+
+    def _steer(self, role: str, arrivals: dict) -> None:
+        """Update each peer's channel weights from one exchange's ``arrivals``: peer ->
+        ``[(channel, bytes, seconds)]``; peers with a channel missing or too small are skipped."""
+        lanes = self.lanes(role)
+        for peer, got in arrivals.items():
+            if len(got) != lanes or min(b for _, b, _ in got) < STEER_MIN_BYTES:
+                continue
+            old = self._weights.get((role, peer)) or [1.0] * lanes
+            self._weights[(role, peer)] = steer(old, [t for _, _, t in sorted(got)])
+
     # ---- the primitive --------------------------------------------------------------------
     def start(self, phase: str, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor],
               send_counts: Sequence[int], recv_counts: Sequence[int], *,
               group: Optional[dist.ProcessGroup] = None, role: str = "ep",
-              members: Optional[Sequence[int]] = None, payload: bool = True) -> Exchange:
+              members: Optional[Sequence[int]] = None, payload: bool = True,
+              lane_weights: Optional[tuple] = None) -> Exchange:
         """Post an uneven all-to-all of row-aligned tensor pairs sharing one split.
 
         ``sends[i]: [sum(send_counts), ...]`` rows grouped by destination (group rank order);
         ``recvs[i]: [sum(recv_counts), ...]`` is filled grouped by source once waited.
         ``members`` maps the ranks of ``group`` to EP ranks (default: ``group`` is the EP
         group). ``payload=False`` marks control data (accounted, never verified).
+        ``lane_weights``: ``(send, recv)``, per group rank the channel weights to cut the rows
+        to / from it by (the receiver's published :meth:`recv_weights`); default even.
         """
         group = group or self.group
         members = list(members) if members is not None else list(range(self.world))
         me = members.index(self.rank)
         send_counts, recv_counts = [int(c) for c in send_counts], [int(c) for c in recv_counts]
         lanes = [group] + self.channels.get(role, [])
-        works = []
+        works: list = []
+        timed: list = []
+        steer = lane_weights is not None and len(lanes) > 1
         for s, r in zip(sends, recvs):
             s, r = wire_view(s), wire_view(r)
             row_bytes = math.prod(s.shape[1:]) * s.element_size()
@@ -142,13 +184,15 @@ class Transport:
                 works.append(dist.all_to_all_single(r, s, recv_counts, send_counts, group=group,
                                                     async_op=True))
             else:
-                works += _channels(s, r, send_counts, recv_counts, lanes, me)
+                works += _channels(s, r, send_counts, recv_counts, lanes, me, lane_weights,
+                                   timed if steer else None, members, row_bytes)
         # Gloo survives a timed-out wait (it can be waited on again); other backends may not.
         sliced = self._sliced.get(group)
         if sliced is None:
             sliced = self._sliced[group] = dist.get_backend(group) == "gloo"
         return Exchange(phase, works, members, group, sends, recvs, send_counts, recv_counts,
-                        check=self.verify and payload, sliced=sliced)
+                        check=self.verify and payload, sliced=sliced, role=role,
+                        timed=timed if sliced else [], posted=time.monotonic())
 
     def wait(self, ex: Exchange) -> None:
         """Wait for ``ex`` within the call's deadline (idempotent); verify it if asked.
@@ -162,7 +206,7 @@ class Transport:
         try:
             p2p = [w.work for w in ex.works if isinstance(w, _PointToPoint)]
             if p2p and ex.sliced:
-                watcher = self._wait_p2p(p2p, watcher)
+                watcher = self._wait_p2p(ex, p2p, watcher)
             for w in ex.works:
                 if not (ex.sliced and isinstance(w, _PointToPoint)):
                     watcher = self._wait_one(w, watcher, ex.sliced)
@@ -238,28 +282,40 @@ class Transport:
             if watcher.report is not None:
                 raise RuntimeError(f"stopped waiting: {watcher.report}")
 
-    def _wait_p2p(self, works: list, watcher: Optional[FailureWatcher]) -> Optional[FailureWatcher]:
+    def _wait_p2p(self, ex: Exchange, works: list,
+                  watcher: Optional[FailureWatcher]) -> Optional[FailureWatcher]:
         """Wait for Gloo send/recv ``works`` until the deadline, giving up early on a posted failure.
 
         A timed Gloo send/recv wait that expires closes every connection of its group, and the
-        works only complete inside ``wait``, so they cannot be waited on in slices or polled: a
-        helper thread waits on them once with the time left while this thread waits on the
-        helper in slices and consults the store, as :meth:`_wait_one` does for collectives. After
-        an early stop the helper stays blocked until the deadline (the transport is broken by
-        then).
+        works only complete inside ``wait``, so they cannot be waited on in slices or polled:
+        helper threads wait on them once with the time left while this thread waits on the
+        helpers in slices and consults the store, as :meth:`_wait_one` does for collectives.
+        Receives whose arrival steers the channel weights (``ex.timed``) get a helper each, which
+        notes when its rows were in. After an early stop the helpers stay blocked until the
+        deadline (the transport is broken by then).
         """
-        done, failed = threading.Event(), []
+        timed = {id(t[0].work) for t in ex.timed}
+        batches = [[w] for w in works if id(w) in timed] + [[w for w in works if id(w) not in timed]]
+        finished: dict = {}
+        failed: list = []
+        left = [len(batches)]
+        lock, done = threading.Lock(), threading.Event()
 
-        def wait_all() -> None:
+        def wait_all(batch: list) -> None:
             try:
-                for w in works:
+                for w in batch:
                     w.wait(timeout=timedelta(seconds=max(1e-3, self.remaining())))
+                    finished[id(w)] = time.monotonic()
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
                 failed.append(exc)
             finally:
-                done.set()
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
 
-        threading.Thread(target=wait_all, name="flexep-p2p-wait", daemon=True).start()
+        for batch in batches:
+            threading.Thread(target=wait_all, args=(batch,), name="flexep-p2p-wait", daemon=True).start()
         while not done.wait(SLICE):
             if watcher is None:
                 watcher = self.detector.watcher()
@@ -267,6 +323,11 @@ class Transport:
                 raise RuntimeError(f"stopped waiting: {watcher.report}")
         if failed:
             raise failed[0]
+        if ex.timed:
+            arrivals: dict = {}
+            for work, peer, lane, nbytes in ex.timed:
+                arrivals.setdefault(peer, []).append((lane, nbytes, finished[id(work.work)] - ex.posted))
+            self._steer(ex.role, arrivals)
         return watcher
 
     def _failure(self, phase: str, exc: BaseException) -> FlexepRuntimeError:
@@ -296,8 +357,11 @@ class _PointToPoint:
 
 
 def _channels(s: torch.Tensor, r: torch.Tensor, send_counts: list, recv_counts: list,
-              lanes: list, me: int) -> list:
-    """Point-to-point on C groups; channel c carries the c-th contiguous row range per peer."""
+              lanes: list, me: int, weights: Optional[tuple] = None, timed: Optional[list] = None,
+              members: Sequence[int] = (), row_bytes: int = 0) -> list:
+    """Point-to-point on C groups; channel c carries the c-th contiguous row range per peer
+    (cut evenly, or by ``weights = (send, recv)`` per peer). Receives of a full set of
+    channels from a peer are listed in ``timed`` as ``(work, EP peer, channel, bytes)``."""
     works = []
     s_off, r_off = _offsets(send_counts), _offsets(recv_counts)
     num = len(lanes)
@@ -305,12 +369,16 @@ def _channels(s: torch.Tensor, r: torch.Tensor, send_counts: list, recv_counts: 
         if i == me:
             r[r_off[i]:r_off[i + 1]].copy_(s[s_off[i]:s_off[i + 1]])
             continue
+        recv_cut = cut(recv_counts[i], weights[1][i] if weights else None, num)
+        send_cut = cut(send_counts[i], weights[0][i] if weights else None, num)
         for c, g in enumerate(lanes):
-            lo, hi = chunk(recv_counts[i], num, c)
+            lo, hi = recv_cut[c], recv_cut[c + 1]
             if hi > lo:
-                works.append(_PointToPoint(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g,
-                                                      group_src=i)))
-            lo, hi = chunk(send_counts[i], num, c)
+                work = _PointToPoint(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g, group_src=i))
+                works.append(work)
+                if timed is not None:
+                    timed.append((work, members[i], c, (hi - lo) * row_bytes))
+            lo, hi = send_cut[c], send_cut[c + 1]
             if hi > lo:
                 works.append(_PointToPoint(dist.isend(s[s_off[i] + lo:s_off[i] + hi], group=g,
                                                       group_dst=i)))
@@ -331,3 +399,55 @@ def chunk(n: int, parts: int, i: int) -> tuple[int, int]:
     """
     size = (n + parts - 1) // parts
     return min(n, i * size), min(n, (i + 1) * size)
+
+
+def steer(weights: Sequence[float], seconds: Sequence[float]) -> list[float]:
+    """Channel weights moved towards equal arrival times, normalized to mean 1.
+
+    If channel c took ``seconds[c]`` for its rows, rows in proportion to ``w_c / t_c`` would
+    make the channels finish together when each path's rate is shared evenly by its flows; half
+    that step (geometrically) is taken, as arrival times are noisy on a shared host, and no
+    weight falls below 1/8 of the largest.
+
+    Example: ``steer([1, 1], [1.0, 4.0]) -> [1.333, 0.667]`` (the slow channel halves its share
+    relative to the other: ratio sqrt(4) = 2).
+    """
+    new = [w * math.sqrt(1.0 / max(t, 1e-9)) for w, t in zip(weights, seconds)]
+    top = max(new)
+    new = [max(v, top / 8) for v in new]
+    total = sum(new)
+    return [v * len(new) / total for v in new]
+
+
+def cut(n: int, weights: Optional[Sequence[int]], parts: int) -> list[int]:
+    """``[parts + 1]`` boundaries cutting ``n`` rows into ``parts`` contiguous ranges in proportion
+    to integer ``weights`` (None: evenly, as :func:`chunk`). Integer arithmetic, so both ends of
+    an exchange cut alike.
+
+    Example: n = 10, weights [1, 3] -> ``[0, 2, 10]`` (floor(10 * 1 / 4) = 2).
+    """
+    if weights is None:
+        return [chunk(n, parts, i)[0] for i in range(parts)] + [n]
+    total, acc, out = sum(weights), 0, [0]
+    for w in weights:
+        acc += w
+        out.append(n * acc // total)
+    return out
+
+
+# Each peer's published channel weights sum to this (integers travel in the control round).
+WEIGHT_SUM = 1024
+# Channels carrying fewer bytes than this do not steer the weights (their time is latency).
+STEER_MIN_BYTES = 256 << 10
+
+
+def _even(lanes: int) -> list[int]:
+    return _quantize([1.0] * lanes)
+
+
+def _quantize(w: Sequence[float]) -> list[int]:
+    """Float weights -> integers summing to ``WEIGHT_SUM``, each at least 1."""
+    total = sum(w)
+    q = [max(1, int(v * WEIGHT_SUM / total)) for v in w]
+    q[q.index(max(q))] += WEIGHT_SUM - sum(q)
+    return q

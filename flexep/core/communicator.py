@@ -171,14 +171,13 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
                                                   dist.get_backend(group), self.hierarchical, paths)
         tp.detector = FailureDetector(self.uid, self.rank, self.world, store_host)
         lanes: dict = {"ep": [subgroup(group, list(range(self.world))) for _ in range(num_channels - 1)]}
+        groups = None
         if self.hierarchical:
             groups = build_topology_groups(group, self.topology)
             extra = [build_topology_groups(group, self.topology) for _ in range(num_channels - 1)]
             lanes["intra"], lanes["rail"] = [g.intra for g in extra], [g.rail for g in extra]
-            self.normal = Hierarchical(tp, groups, self.uid)
-        else:
-            self.normal = Flat(tp, self.uid)
-        tp.channels = lanes
+        tp.channels = lanes  # before the algorithms: they size their control columns by it
+        self.normal = Hierarchical(tp, groups, self.uid) if groups is not None else Flat(tp, self.uid)
         self.low_latency = LowLatency(tp, self.uid)
         self.sync_free, self.slot_combine = SyncFree(tp, self.uid), SlotCombine(tp, self.uid)
         self.num_channels = num_channels
