@@ -33,7 +33,7 @@ from flexep.planner import (
     profile_names,
 )
 from flexep.planner import cli as planner_cli
-from flexep.planner.ecmp import _max_link_load, fabric_time_us, leaf_of
+from flexep.planner.ecmp import _balanced_bytes, _max_link_load, fabric_time_us, leaf_of
 from flexep.planner.fit import nelder_mead
 from flexep.planner.model import PhaseTime, Term, us, v2_num_sms
 from flexep.planner.routing import _group_limited, group_limited_reference
@@ -316,6 +316,25 @@ def test_ecmp_two_flows_two_paths_expectation():
     fabric = Fabric(kind="roce", routing="ecmp", hosts_per_leaf=2, uplinks_per_leaf=2,
                     uplink_gbps=8.0, rail_optimized=False)
     assert fabric_time_us(flows, topo, fabric, 1, samples=4000).mean_us / 1e3 == pytest.approx(1.5, abs=0.05)
+
+
+def test_ecmp_balanced_channels_spread_a_pair_over_its_paths():
+    # One 1 MB pair, 3 subflows on 2 paths. Even bytes per subflow: all 3 on one path
+    # (probability 1/4) -> 1 MB, else 2/3 MB: E = 0.75 MB. Balanced over the distinct paths:
+    # 1 MB or 1/2 MB: E = 0.625 MB.
+    topo = Topology(4, 1)
+    flows = torch.zeros(4, 4)
+    flows[0, 2] = 1e6
+    fabric = Fabric(kind="roce", routing="ecmp", hosts_per_leaf=2, uplinks_per_leaf=2,
+                    uplink_gbps=8.0, rail_optimized=False)
+    even = fabric_time_us(flows, topo, fabric, 3, samples=4000).mean_us / 1e3
+    balanced = fabric_time_us(flows, topo, fabric, 3, samples=4000, balanced=True).mean_us / 1e3
+    assert even == pytest.approx(0.75, abs=0.03) and balanced == pytest.approx(0.625, abs=0.03)
+    # One channel: nothing to balance.
+    assert fabric_time_us(flows, topo, fabric, 1, samples=50, balanced=True).mean_us == \
+        fabric_time_us(flows, topo, fabric, 1, samples=50).mean_us
+    # The bytes of each draw: a path's share on the pair's first subflow there.
+    assert _balanced_bytes(torch.tensor([[0, 0, 1]]), torch.tensor([12.0]), 3).tolist() == [[6.0, 0.0, 6.0]]
 
 
 def test_leaf_placement():

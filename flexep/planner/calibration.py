@@ -223,8 +223,10 @@ def prepare(rows: Sequence[PublishedRow] = PUBLISHED, seed: int = 0) -> list:
             cache[key] = phase_loads(hw, shape, routing, row.ep, (mode,), seed=seed,
                                      distinct_tokens=DISTINCT_TOKENS)
         ld = cache[key][mode, row.phase]
-        channels = get_profile(prof_name).qps_per_peer
-        out.append(_Case(row, shape, prof_name, hw, ld, _fabric_us(ld, hw, row.ep, channels, seed, 32),
+        prof = get_profile(prof_name)
+        channels = prof.qps_per_peer
+        out.append(_Case(row, shape, prof_name, hw, ld,
+                         _fabric_us(ld, hw, row.ep, channels, seed, 32, mode in prof.balanced_modes),
                          channels))
     return out
 

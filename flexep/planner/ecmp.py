@@ -12,6 +12,10 @@ touch the spine.
   a few links carry several flows while others idle; the phase ends when the most loaded link
   drains. With ``C`` channels per peer, each peer's bytes travel as ``C`` flows hashed
   independently, and the load evens out.
+* **Balanced channels** (``balanced=True``): an implementation that steers each peer's rows
+  over its ``C`` flows by their measured arrival (flexep over Gloo) spreads a pair's bytes
+  evenly over the distinct paths its flows were hashed onto; only a pair whose flows all share
+  one path stays there.
 
 :func:`fabric_time_us` draws the hashing ``samples`` times and returns the mean over draws of
 the most loaded link's drain time. Limit cases: with one path every cross flow shares it (the
@@ -60,10 +64,11 @@ def leaf_of(topo: Topology, fabric: Fabric) -> torch.Tensor:
 
 
 def fabric_time_us(inter_flows: torch.Tensor, topo: Topology, fabric: Fabric, channels: int,
-                   samples: int = 32, seed: int = 0) -> FabricTime:
+                   samples: int = 32, seed: int = 0, balanced: bool = False) -> FabricTime:
     """Drain time of the most loaded spine link for ``inter_flows: [W, W]`` bytes.
 
-    ``channels`` flows per (sender, receiver) pair share its bytes equally (ECMP only).
+    ``channels`` flows per (sender, receiver) pair share its bytes equally (ECMP only), or,
+    ``balanced``, evenly per distinct path they were hashed onto.
     """
     if not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be an int >= 1, got {channels!r}")
@@ -94,10 +99,30 @@ def fabric_time_us(inter_flows: torch.Tensor, topo: Topology, fabric: Fabric, ch
         s = min(per_batch, samples - lo)
         path = torch.randint(links, (s, part.numel()), generator=gen)
         w = part.expand(s, -1).reshape(-1)
+        if balanced and channels > 1:
+            w = _balanced_bytes(path, nbytes, channels).reshape(-1)
         worst.append(torch.maximum(_max_link_load(path, up_leaf, w, num_leaves, links),
                                    _max_link_load(path, down_leaf, w, num_leaves, links)))
     worst_t = torch.cat(worst).double() / rate
     return FabricTime(float(worst_t.mean()), float(worst_t.max()), int(nbytes.numel()))
+
+
+def _balanced_bytes(path: torch.Tensor, nbytes: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[S, C * F]`` bytes of each subflow when each pair spreads its bytes evenly over the
+    distinct paths of its ``C`` subflows (subflow ``c * F + f`` is pair ``f``'s channel ``c``):
+    a path's share goes to the first of the pair's subflows on it, the others carry none.
+
+    Example (one pair of 12 bytes, 3 subflows on paths [0, 0, 1]): ``[6, 0, 6]``.
+    """
+    s, pairs = path.size(0), nbytes.numel()
+    by_pair = path.view(s, channels, pairs)
+    # A subflow is the first on its path among its pair's subflows: no earlier channel shares it.
+    first = torch.ones_like(by_pair, dtype=torch.bool)
+    for c in range(1, channels):
+        first[:, c] = (by_pair[:, :c] != by_pair[:, c:c + 1]).all(1)
+    distinct = first.sum(1, keepdim=True)  # [S, 1, F]
+    share = nbytes.float().view(1, 1, pairs) / distinct
+    return (share * first).reshape(s, channels * pairs)
 
 
 def _max_link_load(path: torch.Tensor, leaf: torch.Tensor, nbytes: torch.Tensor, num_leaves: int,

@@ -58,7 +58,7 @@ def heldout_rows(sources: Sequence[dict] = SOURCES, seed: int = 0,
                 loads[ep] = phase_loads(hw, shape, routing, ep, (src["mode"],), capacity, seed,
                                         distinct_tokens=DISTINCT_TOKENS)
             ld = loads[ep][src["mode"], phase]
-            fab = _fabric_us(ld, hw, ep, prof.qps_per_peer, seed, 32)
+            fab = _fabric_us(ld, hw, ep, prof.qps_per_peer, seed, 32, src["mode"] in prof.balanced_modes)
             p = predict_from_loads(ld, hw, prof, shape, prof.qps_per_peer, fab, src.get("sms") or None)
             out.append(HeldOutRow(src["key"], ep, phase, metric, float(value),
                                   metric_value(p, metric, shape), p))

@@ -113,11 +113,13 @@ def phase_loads(hw: Hardware, shape: ModelShape, routing: Routing, ep: int,
             for m in modes for p in PHASES}
 
 
-def _fabric_us(ld: Loads, hw: Hardware, ep: int, channels: int, seed: int, samples: int) -> float:
+def _fabric_us(ld: Loads, hw: Hardware, ep: int, channels: int, seed: int, samples: int,
+               balanced: bool = False) -> float:
     if not ld.multi_domain or not float(ld.inter_flows.sum()):
         return 0.0
     topo = topology_for(hw, ep)
-    return fabric_time_us(ld.inter_flows, topo, hw.fabric, channels, samples=samples, seed=seed).mean_us
+    return fabric_time_us(ld.inter_flows, topo, hw.fabric, channels, samples=samples, seed=seed,
+                          balanced=balanced).mean_us
 
 
 def predict_from_loads(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, channels: int,
@@ -166,7 +168,7 @@ def predict(hw: Hardware, shape: ModelShape, routing: Routing, ep: int,
         for mode in modes:
             for phase in PHASES:
                 ld = loads[mode, phase]
-                fab = _fabric_us(ld, hw, ep, c, seed, ecmp_samples)
+                fab = _fabric_us(ld, hw, ep, c, seed, ecmp_samples, mode in prof.balanced_modes)
                 out.append(predict_from_loads(ld, hw, prof, shape, c, fab, sms))
     return out
 

@@ -53,6 +53,9 @@ class Profile:
         sm_forward_gbs: GB/s one SM moves in the network kernel (staging for RDMA, forwarding,
             copying out).
         qps_per_peer: queue pairs (flows) per peer, what ECMP hashes.
+        balanced_modes: modes whose rows are steered over a peer's flows by their measured
+            arrival, so a peer's bytes spread evenly over the distinct paths its flows were
+            hashed onto (:mod:`flexep.planner.ecmp`); other modes put equal bytes on each flow.
         chunk_rows, combine_chunk_rows: rows per RDMA write in normal dispatch / combine (a
             proxy posts one write per chunk and one tail update after it).
         proxy_message_us: CPU time a proxy thread spends per RDMA write it posts for the GPU
@@ -81,6 +84,7 @@ class Profile:
     sm_copy_gbs: float = 25.0
     sm_forward_gbs: float = 15.0
     qps_per_peer: int = 12
+    balanced_modes: tuple = ()
     chunk_rows: int = 16
     combine_chunk_rows: int = 16
     proxy_message_us: float = 1.0

@@ -12,7 +12,10 @@ the network hop finished before the forward hop starts, and separate passes over
 * one flow per peer per channel; ``qps_per_peer=1`` is the planner's count when no channels are
   given (one channel), not flexep's own default across machines (4 for 2 nodes x 2 ranks over 2
   paths, :mod:`flexep.comm.channels`): pass the channel count to compare with a default Buffer.
-  Gloo sends a whole block per message, so there is no per-chunk posting cost.
+  Gloo sends a whole block per message, so there is no per-chunk posting cost;
+* with several channels the hierarchical exchange steers each rail peer's rows over its flows
+  by their measured arrival (``balanced_modes``): a pair's bytes spread over the distinct
+  paths its flows were hashed onto. The flat exchange cuts evenly.
 """
 
 from ..profile import Profile
@@ -29,6 +32,7 @@ PROFILE = Profile(
     sm_copy_gbs=3.0,
     sm_forward_gbs=3.0,
     qps_per_peer=1,
+    balanced_modes=("hierarchical",),
     chunk_rows=1 << 20,
     combine_chunk_rows=1 << 20,
     proxy_message_us=0.0,
