@@ -10,8 +10,8 @@ import torch.distributed as dist
 from inputs import make_x, routing, weights
 
 import flexep
-from flexep.comm.transport import STEER_MIN_BYTES, WEIGHT_SUM, Transport, _quantize, cut, steer
 from flexep.comm.topology import Topology
+from flexep.comm.transport import STEER_MIN_BYTES, WEIGHT_SUM, Transport, _quantize, cut, steer
 from flexep.launch import run_local
 
 
