@@ -11,7 +11,7 @@ from inputs import make_x, routing, weights
 
 import flexep
 from flexep.comm.topology import Topology
-from flexep.comm.transport import STEER_MIN_BYTES, WEIGHT_SUM, Transport, _quantize, cut, steer
+from flexep.comm.transport import STEER_MIN_BYTES, WEIGHT_SUM, Transport, _arrivals, _quantize, cut, steer
 from flexep.launch import run_local
 
 
@@ -91,6 +91,22 @@ def test_transport_steers_only_on_full_large_arrivals():
     first, second = tp.recv_weights("rail", [1])
     assert first > second and first + second == WEIGHT_SUM
     assert tp.recv_weights("intra", [1]) == [1024]  # another role is untouched
+
+
+class _Work:
+    def __init__(self) -> None:
+        self.work = object()
+
+
+def test_arrivals_add_up_every_tensor_of_a_channel():
+    # An exchange of rows and their metadata: two receives per (peer, channel); the channel's
+    # bytes add up and it is in when the later of the two is.
+    w = [_Work() for _ in range(4)]
+    timed = [(w[0], 5, 0, 1000), (w[1], 5, 1, 3000), (w[2], 5, 0, 10), (w[3], 5, 1, 30)]
+    finished = {id(w[0].work): 10.5, id(w[1].work): 11.0, id(w[2].work): 10.7, id(w[3].work): 10.9}
+    got = _arrivals(timed, finished, 10.0)
+    assert {p: sorted(v) for p, v in got.items()} == {5: [(0, 1010, pytest.approx(0.7)),
+                                                          (1, 3030, pytest.approx(1.0))]}
 
 
 # Skewed weights per (receiving rank, rail peer): the sender must cut by the receiver's.

@@ -324,10 +324,7 @@ class Transport:
         if failed:
             raise failed[0]
         if ex.timed:
-            arrivals: dict = {}
-            for work, peer, lane, nbytes in ex.timed:
-                arrivals.setdefault(peer, []).append((lane, nbytes, finished[id(work.work)] - ex.posted))
-            self._steer(ex.role, arrivals)
+            self._steer(ex.role, _arrivals(ex.timed, finished, ex.posted))
         return watcher
 
     def _failure(self, phase: str, exc: BaseException) -> FlexepRuntimeError:
@@ -399,6 +396,19 @@ def chunk(n: int, parts: int, i: int) -> tuple[int, int]:
     """
     size = (n + parts - 1) // parts
     return min(n, i * size), min(n, (i + 1) * size)
+
+
+def _arrivals(timed: list, finished: dict, posted: float) -> dict:
+    """EP peer -> ``[(channel, bytes, seconds)]``: per channel the bytes of every tensor received
+    from the peer and when the last of them was in (seconds after posting)."""
+    per_lane: dict = {}
+    for work, peer, lane, nbytes in timed:
+        b, t = per_lane.get((peer, lane), (0, 0.0))
+        per_lane[(peer, lane)] = (b + nbytes, max(t, finished[id(work.work)] - posted))
+    out: dict = {}
+    for (peer, lane), (nbytes, t) in per_lane.items():
+        out.setdefault(peer, []).append((lane, nbytes, t))
+    return out
 
 
 def steer(weights: Sequence[float], seconds: Sequence[float]) -> list[float]:
