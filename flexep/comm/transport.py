@@ -357,8 +357,8 @@ def _channels(s: torch.Tensor, r: torch.Tensor, send_counts: list, recv_counts: 
               lanes: list, me: int, weights: Optional[tuple] = None, timed: Optional[list] = None,
               members: Sequence[int] = (), row_bytes: int = 0) -> list:
     """Point-to-point on C groups; channel c carries the c-th contiguous row range per peer
-    (cut evenly, or by ``weights = (send, recv)`` per peer). Receives of a full set of
-    channels from a peer are listed in ``timed`` as ``(work, EP peer, channel, bytes)``."""
+    (cut evenly, or by ``weights = (send, recv)`` per peer). With ``timed`` given, every
+    receive is listed there as ``(work, EP peer, channel, bytes)``."""
     works = []
     s_off, r_off = _offsets(send_counts), _offsets(recv_counts)
     num = len(lanes)
