@@ -97,8 +97,9 @@ def _check(rank: int, world: int, buf: Buffer, x, topk_idx, weights, num_experts
     capacity = x.size(0)
     recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, capacity, num_experts,
                                                                 use_fp8=False)
-    gathered = torch.empty(world * topk_idx.numel(), dtype=topk_idx.dtype)
-    dist.all_gather_into_tensor(gathered, topk_idx.contiguous().view(-1))
+    parts = [torch.empty_like(topk_idx) for _ in range(world)]
+    dist.all_gather(parts, topk_idx.contiguous())
+    gathered = torch.cat([p.view(-1) for p in parts])
     local = num_experts // world
     ids = gathered - rank * local
     expected = torch.zeros(local + 1, dtype=torch.int64)
@@ -125,8 +126,9 @@ class _Raw:
         hit = torch.zeros(topk_idx.size(0), world + 1, dtype=torch.bool)
         hit.scatter_(1, owner, True)
         send = hit[:, :world].sum(0)
-        table = torch.empty(world * world, dtype=torch.int64)
-        dist.all_gather_into_tensor(table, send)
+        parts = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(parts, send)
+        table = torch.cat(parts)
         self.sc, self.rc = send.tolist(), table.view(world, world)[:, rank].tolist()
         self.send = torch.randint(0, 255, (sum(self.sc), out_row), dtype=torch.uint8)
         self.recv = torch.empty(sum(self.rc), out_row, dtype=torch.uint8)
