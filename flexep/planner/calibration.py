@@ -231,13 +231,15 @@ def prepare(rows: Sequence[PublishedRow] = PUBLISHED, seed: int = 0) -> list:
     return out
 
 
-def evaluate(cases: Sequence, fitted: Optional[dict] = None) -> list[CalibrationRow]:
-    """Predict every prepared case with the constants ``fitted`` (default: the shipped ones)."""
+def evaluate(cases: Sequence, fitted: Optional[dict] = None, explain: bool = True) -> list[CalibrationRow]:
+    """Predict every prepared case with the constants ``fitted`` (default: the shipped ones);
+    ``explain=False``: without the predictions' ``why`` and ``shares`` (for fitting)."""
     profs = profiles_from(fitted or FIT)
     out = []
     for c in cases:
         prof: Profile = profs[c.profile]
-        p = predict_from_loads(c.loads, c.hw, prof, c.shape, c.channels, c.fabric_us, c.row.sms or None)
+        p = predict_from_loads(c.loads, c.hw, prof, c.shape, c.channels, c.fabric_us, c.row.sms or None,
+                               explain)
         out.append(CalibrationRow(c.row, metric_value(p, c.row.metric, c.shape), p))
     return out
 
@@ -261,7 +263,7 @@ def fit(cases: Sequence, max_evals: int = 3000, restarts: int = 2, sweeps: int =
 
     def loss(x: list) -> float:
         vals = _unpack(x, base)
-        rows = evaluate(fitted_rows, vals)
+        rows = evaluate(fitted_rows, vals, explain=False)
         err = sum(math.log(r.predicted / r.published.value) ** 2 for r in rows) / max(len(rows), 1)
         prior = sum((xi - math.log(p.prior)) ** 2 for xi, p in zip(x, PARAMS))
         return err + _PRIOR_WEIGHT * prior / len(PARAMS)

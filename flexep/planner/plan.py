@@ -123,8 +123,13 @@ def _fabric_us(ld: Loads, hw: Hardware, ep: int, channels: int, seed: int, sampl
 
 
 def predict_from_loads(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape, channels: int,
-                       fabric_us: float = 0.0, sms: Optional[int] = None) -> Prediction:
-    """The :class:`Prediction` of one phase whose loads (and ECMP term) are already known."""
+                       fabric_us: float = 0.0, sms: Optional[int] = None,
+                       explain: bool = True) -> Prediction:
+    """The :class:`Prediction` of one phase whose loads (and ECMP term) are already known.
+
+    ``explain=False`` leaves ``why`` and ``shares`` empty (a fit evaluates hundreds of
+    thousands of predictions and reads only their times).
+    """
     t: PhaseTime = phase_time(ld, hw, prof, shape, fabric_us, sms)
     total = t.total_us
     token = shape.deepep_token_bytes(ld.phase)
@@ -140,8 +145,9 @@ def predict_from_loads(ld: Loads, hw: Hardware, prof: Profile, shape: ModelShape
     slowdown = max(1.0, terms.get("fabric", 0.0) / nic) if nic > 0 else 1.0
     return Prediction(
         ep=ld.ep, mode=ld.mode, phase=ld.phase, channels=channels, time_us=total,
-        fixed_us=t.fixed_us, bottleneck=t.bottleneck, profile=prof.name, sms=t.sms, why=t.why(),
-        shares=t.shares(), terms_us=terms, bandwidth_gbs=bw,
+        fixed_us=t.fixed_us, bottleneck=t.bottleneck, profile=prof.name, sms=t.sms,
+        why=t.why() if explain else "", shares=t.shares() if explain else {}, terms_us=terms,
+        bandwidth_gbs=bw,
         bytes_per_rank={"nic": max(ld.nic_send, ld.nic_recv), "scaleup": max(ld.su_send, ld.su_recv)},
         ecmp_slowdown=slowdown, ranks_per_node=min(ld.ep, hw.domain_size), counted=dict(ld.counted),
         row_bytes=ld.row_bytes)
