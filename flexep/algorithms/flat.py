@@ -37,9 +37,12 @@ from .packing import (
     exchange,
     fuse_rows,
     gather_rows,
+    pack_rows,
     pack_token_meta,
     padded_rows,
+    rode_rows,
     send_order,
+    split_columns,
     unpack_rows,
 )
 from .reduce import sum_blocks
@@ -114,17 +117,39 @@ class Flat:
         meta, specs = pack_token_meta(order, req.topk_idx, req.topk_weights, req.scales)
         return _Staged(order, gather_rows(self.tp.workspace, "send_x", wire_view(req.x), order), meta, specs)
 
+    @staticmethod
+    def dispatch_row_bytes(req: DispatchRequest) -> int:
+        """Bytes of one dispatched row as :meth:`ride_rows` packs it (data, then metadata)."""
+        row = req.x.size(1) * wire_view(req.x).element_size() + 4
+        if req.topk_idx is not None:
+            row += 12 * req.topk_idx.size(1)
+        if req.scales is not None:
+            row += req.scales.size(1) * req.scales.element_size()
+        return row
+
+    @staticmethod
+    def ride_rows(staged: _Staged) -> torch.Tensor:
+        """``[R, B] uint8``: the staged rows and their metadata packed, to ride in the control
+        round (:class:`~flexep.comm.control.Header` ``ride``)."""
+        return pack_rows([staged.x, staged.meta])
+
     def dispatch(self, req: DispatchRequest, staged: _Staged, header: Header,
-                 expert_counts: Optional[Sequence[int]]) -> Dispatched:
+                 expert_counts: Optional[Sequence[int]], packed: Optional[torch.Tensor] = None) -> Dispatched:
+        """Move the staged rows (unless they rode in the control round: ``header.ride``, with
+        ``packed`` this rank's :meth:`ride_rows`) and build the outputs and the handle."""
         tp, rank = self.tp, self.tp.rank
         send_counts, recv_counts = header.counts[rank].tolist(), header.counts[:, rank].tolist()
         num_recv = sum(recv_counts)
         rows = max(num_recv, req.num_worst_tokens)
         meta_recv = staged.meta.new_empty(num_recv, staged.meta.size(1))
         recv_x = padded_rows(req.x, rows, num_recv)
-        tp.fault_point("before_payload")
-        exchange(tp, "payload", [staged.x, staged.meta], [recv_x[:num_recv], meta_recv], send_counts,
-                 recv_counts, fuse_rows(header.counts, _row_bytes([req.x, staged.meta])))
+        if header.ride is not None:
+            own = packed[sum(send_counts[:rank]):sum(send_counts[:rank + 1])]
+            split_columns(rode_rows(header.ride, recv_counts, own, rank), [recv_x[:num_recv], meta_recv])
+        else:
+            tp.fault_point("before_payload")
+            exchange(tp, "payload", [staged.x, staged.meta], [recv_x[:num_recv], meta_recv], send_counts,
+                     recv_counts, fuse_rows(header.counts, _row_bytes([req.x, staged.meta])))
         recv = finish_receive(unpack_rows(meta_recv, staged.specs), rows, num_recv, req, rank, tp.world)
         handle = NormalHandle(
             is_token_in_rank=req.is_token_in_rank, recv_src_idx=recv.src_idx, counts=header.counts,
@@ -152,22 +177,40 @@ class Flat:
                  fuse_rows(h.counts, _row_bytes(sends)))
         return Dispatched(recv_x, recv_scales, None, None, None, h)
 
-    def combine(self, req: CombineRequest) -> Combined:
-        """``out[t] = sum(bias) + sum over receiving ranks of their row for t``."""
+    @staticmethod
+    def combine_sends(req: CombineRequest) -> list:
+        """The row tensors combine returns, each ``[num_recv, ...]``: ``x`` and the weights."""
+        num_recv = req.handle.num_recv_tokens
+        sends = [req.x[:num_recv]]
+        if req.topk_weights is not None:
+            sends.append(req.topk_weights[:num_recv])
+        return sends
+
+    def combine(self, req: CombineRequest, ride: Optional[torch.Tensor] = None,
+                packed: Optional[torch.Tensor] = None) -> Combined:
+        """``out[t] = sum(bias) + sum over receiving ranks of their row for t``.
+
+        ``ride``: the rows that rode in the control round (``Header.ride``), with ``packed``
+        this rank's :meth:`combine_sends` packed; None: they move in an exchange of their own.
+        """
         tp, h = self.tp, req.handle
         route: FlatRoute = h.route
-        num_recv, total_sent = h.num_recv_tokens, sum(route.send_counts)
+        total_sent = sum(route.send_counts)
         ws, x = tp.workspace, req.x
         back = ws.get("back_x", (total_sent, x.size(1)), x.dtype, x.device)
-        sends, recvs = [x[:num_recv]], [back]
+        sends, recvs = self.combine_sends(req), [back]
         w_back = None
         if req.topk_weights is not None:
             w_back = ws.get("back_w", (total_sent, req.topk_weights.size(1)), torch.float32, x.device)
-            sends.append(req.topk_weights[:num_recv])
             recvs.append(w_back)
-        tp.fault_point("before_payload")
-        exchange(tp, "payload", sends, recvs, route.recv_counts, route.send_counts,
-                 fuse_rows(h.counts, _row_bytes(sends)))
+        if ride is not None:
+            rank = tp.rank
+            own = packed[sum(route.recv_counts[:rank]):sum(route.recv_counts[:rank + 1])]
+            split_columns(rode_rows(ride, route.send_counts, own, rank), recvs)
+        else:
+            tp.fault_point("before_payload")
+            exchange(tp, "payload", sends, recvs, route.recv_counts, route.send_counts,
+                     fuse_rows(h.counts, _row_bytes(sends)))
         out = sum_blocks(back, route.order, route.send_counts, h.num_tokens, req.bias, ws)
         combined_w = None
         if w_back is not None:

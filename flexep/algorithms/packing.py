@@ -15,7 +15,8 @@ from .._dtypes import wire_view
 from ..comm.transport import Transport
 from ..comm.workspace import Workspace
 
-__all__ = ["exchange", "fuse_rows", "true_positions", "send_order", "pack_rows", "unpack_rows",
+__all__ = ["exchange", "fuse_rows", "split_columns", "row_blocks", "rode_rows",
+           "true_positions", "send_order", "pack_rows", "unpack_rows",
            "pack_token_meta", "gather_rows", "padded_rows", "position_in_group", "channel_prefix",
            "recv_channel_prefix", "segment_ids"]
 
@@ -40,13 +41,42 @@ def exchange(tp: Transport, phase: str, sends: Sequence[torch.Tensor], recvs: Se
     packed = pack_rows(sends)
     got = packed.new_empty(sum(recv_counts), packed.size(1))
     tp.all_to_all(phase, [packed], [got], send_counts, recv_counts, **kw)
+    split_columns(got, recvs)
+
+
+def split_columns(got: torch.Tensor, recvs: Sequence[torch.Tensor]) -> None:
+    """Inverse of :func:`pack_rows` into existing tensors: ``got: [R, B] uint8`` column ranges
+    copied into ``recvs`` (each ``[R, ...]``, contiguous: fresh or workspace rows)."""
     col = 0
-    for r in recvs:  # receive tensors are contiguous (fresh or workspace rows)
+    for r in recvs:
         width = math.prod(r.shape[1:]) * r.element_size()
         if r.numel():
             rows = wire_view(r).view(torch.uint8).view(r.size(0), width)
             rows.copy_(got[:, col:col + width])
         col += width
+
+
+def row_blocks(packed: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
+    """``packed: [sum(counts), B]`` rows grouped by destination -> one view per destination."""
+    out, lo = [], 0
+    for c in counts:
+        out.append(packed[lo:lo + c])
+        lo += c
+    return out
+
+
+def rode_rows(ride: torch.Tensor, counts: Sequence[int], own: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rows that rode in a control round (:class:`~flexep.comm.control.Header` ``ride``,
+    ``[W, Z] uint8``), grouped by source: ``counts[s]`` rows of ``B`` bytes from source s, this
+    rank's own block ``own: [counts[rank], B]`` in its place. Returns ``[sum(counts), B] uint8``."""
+    width = own.size(1)
+    got = own.new_empty(sum(counts), width)
+    lo = 0
+    for s, c in enumerate(counts):
+        if c:
+            got[lo:lo + c] = own if s == rank else ride[s, :c * width].view(c, width)
+        lo += c
+    return got
 
 
 def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:

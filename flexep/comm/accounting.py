@@ -64,6 +64,11 @@ class TrafficStats:
         if link != "local" and nbytes:
             self.messages += 1
 
+    def reclassify(self, link: str, nbytes: int) -> None:
+        """Count ``nbytes`` already recorded as control across ``link`` as payload (a payload
+        block that rode in a control round)."""
+        self.payload[link] += nbytes
+
     def set_minimum(self, fn: Callable[[], dict]) -> None:
         """Give the routing's minimum as a function, evaluated only if someone reads it."""
         self._minimum, self._minimum_fn = None, fn

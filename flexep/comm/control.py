@@ -53,9 +53,12 @@ OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "ll_dispatch": 4, "ll_
 _OP_NAMES = {v: k for k, v in OPS.items()}
 FIELDS = ("magic", "op", "seq", "generation", "error", "num_tokens", "hidden", "x_dtype", "num_scales",
           "scale_dtype", "num_experts", "num_topk", "has_weights", "capacity", "mode",
-          "num_worst_tokens", "bad_values")
+          "num_worst_tokens", "rides", "ride_next", "bad_values")
 # Per-rank values that ride along for every rank to read, never compared across ranks.
-PER_RANK_FIELDS = ("num_tokens", "num_worst_tokens", "bad_values")
+PER_RANK_FIELDS = ("num_tokens", "num_worst_tokens", "rides", "ride_next", "bad_values")
+# Payload that may ride in a control round, bytes per peer (see ControlPlane.round): beyond it a
+# call's payload has its own exchange and the round stays small.
+RIDE_MAX = 256 << 10
 _F = len(FIELDS)
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 _COMPARED = tuple(n for n in FIELDS[5:] if n not in PER_RANK_FIELDS)
@@ -85,12 +88,16 @@ class Header:
             the call carried no counts).
         extra: ``[W, X] int64``, per-rank vectors of a width every rank knows (e.g. node counts).
         per_dest: ``[W, Y] int64``, what each source published for *this* rank.
+        ride: ``[W, Z] uint8``, the payload block each source sent this rank inside the round
+            (its first bytes; the rest of the row is padding), or None when the call's payload
+            did not ride on every rank (it then has an exchange of its own).
     """
 
     fields: torch.Tensor
     counts: torch.Tensor
     extra: torch.Tensor
     per_dest: torch.Tensor
+    ride: Optional[torch.Tensor] = None
 
     def field(self, name: str) -> list[int]:
         return list(self._columns[_INDEX[name]])
@@ -124,6 +131,8 @@ class ControlPlane:
         self.generation = generation
         self.extra_width = 0
         self.per_dest_width = 0
+        self.ride_bytes = 0
+        self._needs = (0, 0)
         self._device_types: dict = {}
 
     def _on_device(self, device: torch.device) -> bool:
@@ -138,7 +147,9 @@ class ControlPlane:
               send_counts: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None,
               per_dest: Optional[torch.Tensor] = None, bad_values: Optional[torch.Tensor] = None,
               explain: Optional[Callable[[], BaseException]] = None,
-              meanwhile: Optional[Callable[[], None]] = None, **values: int) -> Header:
+              meanwhile: Optional[Callable[[], None]] = None,
+              ride: Optional[Sequence[torch.Tensor]] = None, offer: Optional[int] = None,
+              **values: int) -> Header:
         """Run the control round of call ``op`` and raise collectively on any disagreement.
 
         Args:
@@ -153,6 +164,11 @@ class ControlPlane:
             bad_values: a 0-dim integer tensor on ``device``, non-zero when a device-side value
                 check failed; ``explain()`` then builds the local error (it may read the host).
             meanwhile: local work run while the round is in flight.
+            ride: the call's payload for each destination rank, ``[n_d, B] uint8`` blocks
+                (this rank's own is not sent), to ride in the round when they fit: a small
+                payload then needs no exchange of its own (see :meth:`_frames`).
+            offer: bytes of this call's largest block for another rank (given whether or not
+                ``ride`` is): the bid for the next rounds' ride size.
             values: the agreement fields by name (unset fields are not compared).
         """
         world, extra_width, per_dest_width = self.tp.world, self.extra_width, self.per_dest_width
@@ -164,7 +180,10 @@ class ControlPlane:
         for name, v in values.items():
             fields[_INDEX[name]] = int(v)
         ok = error is None
-        width = world + extra_width
+        rides = ok and ride is not None and not on_device and self.ride_bytes > 0 and all(
+            b.numel() <= self.ride_bytes for d, b in enumerate(ride) if d != self.tp.rank)
+        fields[_INDEX["rides"]] = int(rides)
+        fields[_INDEX["ride_next"]] = self._proposal(offer if ok else None)
         if on_device:  # built on the device: nothing is read back
             head = torch.tensor(fields, dtype=torch.int64, device=dev)
             if ok and bad_values is not None:
@@ -177,7 +196,12 @@ class ControlPlane:
             row = torch.tensor(fields + _values(send_counts if ok else None, world)
                                + _values(extra if ok else None, extra_width), dtype=torch.int64)
         self.tp.fault_point("before_header")
+        if rides:  # the payload leaves with the header
+            self.tp.fault_point("before_payload")
         group = self.tp.group if on_device or self.host_group is self.tp.group else self.host_group
+        if self.ride_bytes:
+            return self._frames(op, row, per_dest if ok else None, ride if rides else None, group,
+                                error, check, explain, meanwhile)
         if per_dest_width:
             dest = torch.zeros(world, per_dest_width, dtype=torch.int64, device=dev)
             if ok and per_dest is not None:
@@ -195,8 +219,76 @@ class ControlPlane:
         else:
             table = self.tp.all_gather("header", row, group=group, meanwhile=meanwhile)
         table = table.cpu()  # the call's one host read (free when the rows were on the host)
+        header = self._header(table, None)
+        self.verdict(op, header, error, check, explain)
+        return header
+
+    def _header(self, table: torch.Tensor, ride: Optional[torch.Tensor]) -> Header:
+        """The round's :class:`Header` from its ``[W, width]`` host table; agrees the next
+        round's ride size from it first, so every rank moves on alike whatever the verdict."""
+        world, width = self.tp.world, self.tp.world + self.extra_width
         header = Header(fields=table[:, :_F], counts=table[:, _F:_F + world],
                         extra=table[:, _F + world:_F + width], per_dest=table[:, _F + width:])
+        self.ride_bytes = min(RIDE_MAX, _round_up(max(header.field("ride_next")), _RIDE_ALIGN))
+        if ride is not None and all(v == 1 for v in header.field("rides")):
+            return Header(header.fields, header.counts, header.extra, header.per_dest, ride)
+        return header
+
+    # ---- payload riding in the round --------------------------------------------------------
+    def _proposal(self, offer: Optional[int]) -> int:
+        """This rank's bid for the next round's ride size: the largest block of its last two
+        calls that offered a payload (a layer's dispatch and combine alternate), with a quarter
+        more for the routing's next draw; a block over :data:`RIDE_MAX` bids nothing."""
+        if offer is not None:
+            self._needs = (self._needs[1], offer if offer <= RIDE_MAX else 0)
+        need = max(self._needs)
+        return min(RIDE_MAX, need + need // 4)
+
+    def _frames(self, op: str, row: torch.Tensor, per_dest: Optional[torch.Tensor],
+                ride: Optional[Sequence[torch.Tensor]], group, error, check: bool, explain,
+                meanwhile) -> Header:
+        """The round as one frame per destination: the row, the per-destination values, then
+        ``ride_bytes`` bytes that carry the call's payload block for that rank when ``ride``
+        is given (every block fits; the row's ``rides`` field says so), else padding.
+
+        Every frame of a round has the agreed size whatever call each rank makes, so a
+        mismatch is still named by the verdict and never aborts the exchange; a payload that
+        rode on every rank needs no exchange of its own (one round instead of two). The size
+        is agreed in the previous round (``ride_next``: the largest block a rank offered in
+        its last two calls, up to :data:`RIDE_MAX`), so it follows the workload and is 0
+        where nothing rides.
+        """
+        world, tp = self.tp.world, self.tp
+        dev = row.device
+        dest = torch.zeros(world, self.per_dest_width, dtype=torch.int64, device=dev)
+        if per_dest is not None and self.per_dest_width:
+            dest[:, :per_dest.size(1)] = per_dest
+        head = torch.cat([row.view(1, -1).expand(world, -1), dest], 1)
+        head_bytes = head.size(1) * 8
+        frames = torch.empty(world, head_bytes + self.ride_bytes, dtype=torch.uint8, device=dev)
+        frames[:, :head_bytes].view(torch.int64).copy_(head)
+        sizes = [0] * world
+        if ride is not None:
+            for d, block in enumerate(ride):
+                if d != tp.rank and block.numel():
+                    sizes[d] = block.numel()
+                    frames[d, head_bytes:head_bytes + sizes[d]].copy_(block.reshape(-1))
+        out = torch.empty_like(frames)
+        ex = tp.start("header", [frames], [out], [1] * world, [1] * world, group=group, payload=False)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            tp.wait(ex)
+        out = out.cpu()
+        header = self._header(out[:, :head_bytes].view(torch.int64),
+                              out[:, head_bytes:] if ride is not None else None)
+        if header.ride is not None:  # it rode on every rank: those bytes are payload
+            for d, n in enumerate(sizes):
+                if n:
+                    tp.stats.reclassify(tp.topo.link_class(tp.rank, d), n)
+            # this rank's own block is a local copy, as in an exchange
+            tp.stats.record(tp.topo.link_class(tp.rank, tp.rank), ride[tp.rank].numel(), True)
         self.verdict(op, header, error, check, explain)
         return header
 
@@ -244,6 +336,13 @@ class ControlPlane:
             raise RankMismatchError(
                 f"ranks disagree on {name}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
                 + f"; it must be equal on all ranks (odd one(s) out: {odd})", ranks=odd, **kw)
+
+
+_RIDE_ALIGN = 64
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-max(0, n) // step) * step
 
 
 def _part(t: Optional[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:

@@ -40,7 +40,7 @@ from ..algorithms.low_latency import LowLatency
 from ..algorithms.slot_combine import SlotCombine
 from ..algorithms.sync_free import SyncFree
 from ..comm import channels
-from ..comm.control import ControlPlane
+from ..comm.control import ControlPlane, Header
 from ..comm.failure import FailureDetector
 from ..comm.topology import Topology, build_topology_groups, resolve_ranks_per_node, subgroup
 from ..comm.transport import Transport
@@ -227,8 +227,11 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         except (TypeError, ValueError) as exc:
             return None, exc
 
-    def _agreement(self, op: str, error: Optional[BaseException], values: Callable[[], dict]) -> None:
-        """The control round of a call that needs no counts, if ``check_consistency`` is on.
+    def _agreement(self, op: str, error: Optional[BaseException], values: Callable[[], dict],
+                   **ride) -> Optional[Header]:
+        """The control round of a call that needs no counts, if ``check_consistency`` is on
+        (its header, else None); ``ride``: the call's payload offer (``ride``/``offer`` of
+        :meth:`ControlPlane.round`).
 
         Without the round a local input error is raised here, on this rank only: a round run by
         this rank alone would meet a peer's payload exchange; the peers then time out naming
@@ -237,8 +240,9 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         if not self.check_consistency:
             if error is not None:
                 raise error
-            return
-        self.control.round(op, error=error, check=True, **({} if error else values()))
+            return None
+        return self.control.round(op, error=error, check=True, **({} if error else values()),
+                                  **({} if error else ride))
 
     def _validate_now(self, t: torch.Tensor) -> bool:
         """Whether a host-side value check runs for ``t`` (free on the host, asked for elsewhere)."""

@@ -17,6 +17,8 @@ from ..algorithms.contract import (
     NormalHandle,
     Sends,
 )
+from ..algorithms.flat import Flat, _row_bytes
+from ..algorithms.packing import pack_rows, row_blocks
 from ..comm.accounting import flat_minimum, hierarchical_minimum, wire_row_bytes
 from ..comm.control import Header, dtype_code
 from ..comm.transport import Transport
@@ -70,16 +72,24 @@ class NormalCalls:
                 flags = C.dispatch_value_flags(req, self._layout_stamp)
         staged: list = []
         early = req is not None and req.device.type == "cpu"
+        ride = offer = packed = meanwhile = None
         if early:  # counts are on the host already: build the send rows during the round
             sends = Sends(send_counts.tolist(), extra.tolist() if extra is not None else [])
-
-            def meanwhile() -> None:
+            if self._rides(req.x):
+                offer = max((c for d, c in enumerate(sends.counts) if d != rank), default=0) * \
+                    algo.dispatch_row_bytes(req)
+            if offer is not None and offer <= self.control.ride_bytes:  # small: rows ride in the round
                 staged.append(algo.stage(req, sends))
+                packed = algo.ride_rows(staged[0])
+                ride = row_blocks(packed, sends.counts)
+            else:
+                def meanwhile() -> None:
+                    staged.append(algo.stage(req, sends))
         header = self.control.round(
             "dispatch", device=req.device if req is not None else None, error=error,
             check=self.check_consistency, send_counts=send_counts, extra=extra, per_dest=per_dest,
             bad_values=flags,
-            explain=lambda: C.explain_dispatch_values(req), meanwhile=meanwhile if early else None,
+            explain=lambda: C.explain_dispatch_values(req), meanwhile=meanwhile, ride=ride, offer=offer,
             **({} if error else _agree_dispatch(req)), num_tokens=req.num_tokens if req else 0,
             num_worst_tokens=req.num_worst_tokens if req else 0)
         _check_worst_tokens(tp, header)
@@ -96,7 +106,8 @@ class NormalCalls:
                                                                                req.expert_alignment)
         if not early:
             staged.append(algo.stage(req, Sends(header.counts[rank].tolist(), header.extra[rank].tolist())))
-        out = algo.dispatch(req, staged[0], header, expert_counts)
+        out = algo.dispatch(req, staged[0], header, expert_counts, **({} if packed is None else
+                                                                      dict(packed=packed)))
         topk = req.topk_idx.size(1) if req.topk_idx is not None else 0
         row = wire_row_bytes(req.x.size(1), req.x.dtype, scales=_scale_spec(req.scales), topk_ids=topk,
                              topk_weights=topk, src_index=True)
@@ -141,14 +152,31 @@ class NormalCalls:
         in DeepEP V2's slot order when the request has a ``slot_order``)."""
         self._begin("combine")
         req, error = self._build(request, self.check_combine)
-        self._agreement("combine", error, lambda: dict(
+        ride = offer = packed = None
+        if req is not None and req.slot_order is None and self._rides(req.x):
+            counts = req.handle.route.recv_counts
+            sends = self.normal.combine_sends(req)
+            offer = max((c for d, c in enumerate(counts) if d != self.rank), default=0) * _row_bytes(sends)
+            if offer <= self.control.ride_bytes:  # small: the rows ride in the agreement round
+                packed = pack_rows(sends)
+                ride = row_blocks(packed, counts)
+        header = self._agreement("combine", error, lambda: dict(
             hidden=req.x.size(1), x_dtype=dtype_code(req.x.dtype),
-            has_weights=int(req.topk_weights is not None), mode=int(req.slot_order is not None)))
-        out = (self.normal if req.slot_order is None else self.slot_combine).combine(req)
+            has_weights=int(req.topk_weights is not None), mode=int(req.slot_order is not None)),
+            ride=ride, offer=offer)
+        if header is not None and header.ride is not None:
+            out = self.normal.combine(req, ride=header.ride, packed=packed)
+        else:
+            out = (self.normal if req.slot_order is None else self.slot_combine).combine(req)
         k = req.topk_weights.size(1) if req.topk_weights is not None else 0
         self._set_minimum(req.handle, wire_row_bytes(req.x.size(1), req.x.dtype, topk_weights=k),
                           reverse=True)
         return out
+
+    def _rides(self, x: torch.Tensor) -> bool:
+        """Whether this call's payload may ride in its control round: host tensors on the flat
+        algorithm, exchanges not verified (verification checks exchanges, not rounds)."""
+        return isinstance(self.normal, Flat) and x.device.type == "cpu" and not self.transport.verify
 
     def check_handle(self, handle) -> None:
         if not isinstance(handle, NormalHandle):
