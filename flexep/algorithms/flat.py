@@ -118,16 +118,6 @@ class Flat:
         return _Staged(order, gather_rows(self.tp.workspace, "send_x", wire_view(req.x), order), meta, specs)
 
     @staticmethod
-    def dispatch_row_bytes(req: DispatchRequest) -> int:
-        """Bytes of one dispatched row as :meth:`ride_rows` packs it (data, then metadata)."""
-        row = req.x.size(1) * wire_view(req.x).element_size() + 4
-        if req.topk_idx is not None:
-            row += 12 * req.topk_idx.size(1)
-        if req.scales is not None:
-            row += req.scales.size(1) * req.scales.element_size()
-        return row
-
-    @staticmethod
     def ride_rows(staged: _Staged) -> torch.Tensor:
         """``[R, B] uint8``: the staged rows and their metadata packed, to ride in the control
         round (:class:`~flexep.comm.control.Header` ``ride``)."""

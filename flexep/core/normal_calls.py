@@ -77,7 +77,7 @@ class NormalCalls:
             sends = Sends(send_counts.tolist(), extra.tolist() if extra is not None else [])
             if self._rides(req.x):
                 offer = max((c for d, c in enumerate(sends.counts) if d != rank), default=0) * \
-                    algo.dispatch_row_bytes(req)
+                    _dispatch_row_bytes(req)
             if offer is not None and offer <= self.control.ride_bytes:  # small: rows ride in the round
                 staged.append(algo.stage(req, sends))
                 packed = algo.ride_rows(staged[0])
@@ -108,9 +108,7 @@ class NormalCalls:
             staged.append(algo.stage(req, Sends(header.counts[rank].tolist(), header.extra[rank].tolist())))
         out = algo.dispatch(req, staged[0], header, expert_counts, **({} if packed is None else
                                                                       dict(packed=packed)))
-        topk = req.topk_idx.size(1) if req.topk_idx is not None else 0
-        row = wire_row_bytes(req.x.size(1), req.x.dtype, scales=_scale_spec(req.scales), topk_ids=topk,
-                             topk_weights=topk, src_index=True)
+        row = _dispatch_row_bytes(req)
         mask = self.topology.ranks_per_node if self.hierarchical and req.topk_idx is None else 0
         self._set_minimum(header, row, reverse=False, mask=mask)
         return out
@@ -208,6 +206,13 @@ def agree_rows(x: torch.Tensor, scales: Optional[torch.Tensor]) -> dict:
     return dict(hidden=x.size(1), x_dtype=dtype_code(x.dtype),
                 num_scales=scales.size(1) if scales is not None else -1,
                 scale_dtype=dtype_code(scales.dtype if scales is not None else None))
+
+
+def _dispatch_row_bytes(req: DispatchRequest) -> int:
+    """Bytes of one dispatched row with its metadata (what flat dispatch moves per row)."""
+    topk = req.topk_idx.size(1) if req.topk_idx is not None else 0
+    return wire_row_bytes(req.x.size(1), req.x.dtype, scales=_scale_spec(req.scales), topk_ids=topk,
+                          topk_weights=topk, src_index=True)
 
 
 def _scale_spec(scales: Optional[torch.Tensor]) -> Optional[tuple]:
