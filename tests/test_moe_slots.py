@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flexep.moe.slots import local_slots, sum_slots_per_row
+from flexep.moe.slots import local_slots, served_rows, sum_slots_per_row
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,23 @@ def test_pairs_grouped_by_expert_in_row_order_and_sum_in_slot_order(seed):
     for j in range(1, k):
         ref = ref + per_slot[:, j]
     assert torch.equal(sum_slots_per_row(y, served, m), ref)
+
+
+def test_served_rows_are_each_pairs_row_and_weight_with_gradients():
+    gen = torch.Generator().manual_seed(7)
+    m, k, local, h = 23, 4, 3, 5
+    recv_idx = torch.randint(-1, local, (m, k), generator=gen)
+    served = local_slots(recv_idx, local)
+    recv_x = torch.randn(m, h, generator=gen, requires_grad=True)
+    recv_w = torch.rand(m, k, generator=gen, requires_grad=True)
+    rows, weights = served_rows(recv_x, recv_w, served)
+    pairs = list(zip(served.rows.tolist(), served.slots.tolist()))
+    assert torch.equal(rows, torch.stack([recv_x[r] for r, _ in pairs]))
+    assert torch.equal(weights, torch.stack([recv_w[r, s] for r, s in pairs]))
+    (rows * weights.unsqueeze(1)).sum().backward()
+    grad_w = torch.zeros(m, k)
+    grad_x = torch.zeros(m, h)
+    for (r, s), row in zip(pairs, rows.detach()):
+        grad_w[r, s] += row.sum()
+        grad_x[r] += recv_w.detach()[r, s]
+    assert torch.allclose(recv_w.grad, grad_w) and torch.allclose(recv_x.grad, grad_x)

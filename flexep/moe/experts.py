@@ -14,8 +14,11 @@ that on the CPU, and both are neutralised here:
   give every product at least ``MIN_ROWS`` rows (zero rows, or copies of a segment's row).
 
 With these, each row's bits depend only on its own inputs for the CPU kernels tested here
-(float32, bfloat16, any row count); GPU and NPU GEMM libraries choose kernels by shape and make
-no such promise.
+(float32, bfloat16, any row count) with one intra-op thread, as in the rank processes
+:func:`flexep.launch.run_local` starts; with several, BLAS splits a product's rows between the
+threads, and a share of fewer than ``MIN_ROWS`` rows takes the other path again (measured: 3 of
+7 rows change at 2 threads). GPU and NPU GEMM libraries choose kernels by shape and make no such
+promise.
 
 Shape legend: S rows, H hidden, I intermediate, L local expert slots, A/B a matmul's sizes.
 """

@@ -67,7 +67,7 @@ from .experts import (
     seeded_normal,
 )
 from .routing import route
-from .slots import local_slots, sum_slots_per_row
+from .slots import local_slots, served_rows, sum_slots_per_row
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm", "grouped_mm_loop",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
@@ -310,12 +310,13 @@ class MoELayer(torch.nn.Module):
             self.buffer, x, topk_idx, topk_weights, self.placement.num_physical)
         m = recv_x.size(0)
         served = local_slots(recv_idx, self.placement.experts_per_rank)
-        pos, rows, slots, counts = served.pos, served.rows, served.slots, served.counts
+        pos, counts = served.pos, served.counts
         with torch.no_grad():
             self.tokens_per_slot += counts
         # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
         # combine accumulates); for float32 models this is plain float32 arithmetic.
-        y = self.experts(recv_x[rows], counts).float() * recv_w[rows, slots].unsqueeze(1)
+        rows, weights = served_rows(recv_x, recv_w, served)
+        y = self.experts(rows, counts).float() * weights.unsqueeze(1)
         if self.slotwise_combine:
             # One combine per slot: each sums one non-zero row (the slot's expert lives on one
             # rank) with zeros, which is exact. (Buffer.combine keeps the dispatch's hidden

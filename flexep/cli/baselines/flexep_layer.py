@@ -24,7 +24,7 @@ import torch
 from ... import autograd
 from ...core.communicator import Communicator
 from ...deepep.buffer import Buffer
-from ...moe.slots import local_slots, sum_slots_per_row
+from ...moe.slots import local_slots, served_rows, sum_slots_per_row
 from . import harness
 
 __all__ = ["LABEL", "FlexepLayerDriver"]
@@ -47,8 +47,8 @@ class FlexepLayerDriver(harness.Driver):
         recv_x, recv_idx, recv_w, _, handle = autograd.dispatch(self.buffer, self.x, self.topk_idx,
                                                                 self.topk_weights, self.experts)
         served = local_slots(recv_idx, self.local)
-        weights = recv_w[served.rows, served.slots]
-        return recv_x[served.rows], served.counts, weights, (served, weights, recv_x.size(0), handle)
+        rows, weights = served_rows(recv_x, recv_w, served)
+        return rows, served.counts, weights, (served, weights, recv_x.size(0), handle)
 
     def combine(self, expert_out: torch.Tensor, state) -> torch.Tensor:
         served, weights, m, handle = state
