@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flexep.moe.slots import local_slots, served_rows, sum_slots_per_row
+from flexep.moe.slots import local_slots, served_rows, sum_slots_per_row, weighted_rows
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +53,21 @@ def test_served_rows_are_each_pairs_row_and_weight_with_gradients():
         grad_w[r, s] += row.sum()
         grad_x[r] += recv_w.detach()[r, s]
     assert torch.allclose(recv_w.grad, grad_w) and torch.allclose(recv_x.grad, grad_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weighted_rows_same_bits_with_and_without_gradients(dtype):
+    gen = torch.Generator().manual_seed(1)
+    out = torch.randn(9, 6, generator=gen).to(dtype)
+    weights = torch.rand(9, generator=gen)
+    ref = out.double() * weights.double().unsqueeze(1)  # exact: the products of floats fit a double
+    kept = out.clone()
+    with torch.no_grad():
+        y = weighted_rows(out, weights)
+    assert y.dtype == torch.float32 and torch.equal(y, ref.float())
+    assert torch.equal(out, kept)  # a float32 input is not overwritten
+    w = weights.clone().requires_grad_()
+    y2 = weighted_rows(out, w)
+    assert torch.equal(y2, y)
+    y2.sum().backward()
+    assert torch.allclose(w.grad, out.float().sum(1))

@@ -67,7 +67,7 @@ from .experts import (
     seeded_normal,
 )
 from .routing import route
-from .slots import local_slots, served_rows, sum_slots_per_row
+from .slots import local_slots, served_rows, sum_slots_per_row, weighted_rows
 
 __all__ = ["MoEConfig", "MoELayer", "GroupedExperts", "deepseek_v3_route", "grouped_mm", "grouped_mm_loop",
            "expert_parameters", "replicated_parameters", "all_reduce_replicated_grads", "mask_experts"]
@@ -316,7 +316,7 @@ class MoELayer(torch.nn.Module):
         # Weighting and the slot sum run in float32 and round once to x's dtype (as DeepEP's
         # combine accumulates); for float32 models this is plain float32 arithmetic.
         rows, weights = served_rows(recv_x, recv_w, served)
-        y = self.experts(rows, counts).float() * weights.unsqueeze(1)
+        y = weighted_rows(self.experts(rows, counts), weights)
         if self.slotwise_combine:
             # One combine per slot: each sums one non-zero row (the slot's expert lives on one
             # rank) with zeros, which is exact. (Buffer.combine keeps the dispatch's hidden

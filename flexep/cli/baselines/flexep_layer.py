@@ -24,7 +24,7 @@ import torch
 from ... import autograd
 from ...core.communicator import Communicator
 from ...deepep.buffer import Buffer
-from ...moe.slots import local_slots, served_rows, sum_slots_per_row
+from ...moe.slots import local_slots, served_rows, sum_slots_per_row, weighted_rows
 from . import harness
 
 __all__ = ["LABEL", "FlexepLayerDriver"]
@@ -52,6 +52,6 @@ class FlexepLayerDriver(harness.Driver):
 
     def combine(self, expert_out: torch.Tensor, state) -> torch.Tensor:
         served, weights, m, handle = state
-        y = expert_out.float() * weights.unsqueeze(1)
+        y = weighted_rows(expert_out, weights)
         summed = sum_slots_per_row(y, served, m)
         return autograd.combine(self.buffer, summed.to(self.x.dtype), handle)
