@@ -7,11 +7,17 @@ import os
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from flexep.launch import free_port  # noqa: E402
+
+# The rank processes run with one intra-op thread (flexep.launch); the single-process references
+# that tests compare with them bit for bit must too: with several threads BLAS splits a matrix
+# product's rows between them and small shares round differently (flexep/moe/experts.py).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
