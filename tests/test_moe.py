@@ -100,16 +100,8 @@ def test_grouped_mm_matches_segment_loop(a, b):
 
 def test_grouped_experts_rows_do_not_depend_on_their_segment():
     # A lone row (BLAS's matrix-vector path) must give the bits it gives inside a larger segment.
-    # One intra-op thread, as in flexep's rank processes (experts.py says why several differ).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _check_rows_alone_and_together()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_rows_alone_and_together():
+    # With one intra-op thread, as conftest.py sets and the rank processes run (experts.py says
+    # why several differ).
     gen = torch.Generator().manual_seed(3)
     experts = GroupedExperts.seeded(torch.arange(3), 16, 24, seed=1)
     x = torch.randn(7, 16, generator=gen)
