@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._dtypes import wire_view
+from .._dtypes import dense, wire_view
 from ..comm.transport import Transport
 from ..comm.workspace import Workspace
 
@@ -116,7 +116,7 @@ def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate row-aligned tensors ``[R, ...]`` of any dtypes into one ``[R, B] uint8``."""
     rows = parts[0].size(0)
     # Explicit widths: reshape(rows, -1) is ambiguous when there are no rows.
-    return torch.cat([wire_view(p.contiguous()).reshape(rows, math.prod(p.shape[1:])).view(torch.uint8)
+    return torch.cat([wire_view(dense(p)).reshape(rows, math.prod(p.shape[1:])).view(torch.uint8)
                       for p in parts], 1)
 
 

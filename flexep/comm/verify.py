@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .._dtypes import wire_view
+from .._dtypes import dense, wire_view
 from ..errors import ConservationError
 
 __all__ = ["block_checksums", "check_exchange"]
@@ -27,7 +27,7 @@ __all__ = ["block_checksums", "check_exchange"]
 
 def _row_sums(t: torch.Tensor) -> torch.Tensor:
     """``[R, ...] -> [R] int64``: sum of each row's bytes, read as int32 words when aligned."""
-    flat = wire_view(t.contiguous()).reshape(t.size(0), math.prod(t.shape[1:])).view(torch.uint8)
+    flat = wire_view(dense(t)).reshape(t.size(0), math.prod(t.shape[1:])).view(torch.uint8)
     if flat.size(1) % 4 == 0:
         return flat.view(torch.int32).sum(1, dtype=torch.int64)
     return flat.sum(1, dtype=torch.int64)

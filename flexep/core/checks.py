@@ -60,8 +60,8 @@ def split_x(x: Union[torch.Tensor, tuple], *, floats: Sequence[torch.dtype] = FL
             name: str = "x") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``x`` or ``(x_fp8, scales)`` -> ``(x, scales or None)``, checked.
 
-    ``x: [T, H]`` float, or e4m3 ``[T, H]`` with ``scales [T, H/128] float32`` (any strides) or
-    packed UE8M0 ``[T, H/512] int32``.
+    ``x: [T, H]`` float, or e4m3 ``[T, H]`` with ``scales [T, S]`` float32 or packed UE8M0 int32,
+    any ``S`` (usually ``H/128`` float32 or ``ceil(H/512)`` int32) and any strides.
     """
     if isinstance(x, (tuple, list)):
         if not all(isinstance(part, torch.Tensor) for part in x):
@@ -75,13 +75,10 @@ def split_x(x: Union[torch.Tensor, tuple], *, floats: Sequence[torch.dtype] = FL
         hidden = data.size(1)
         if hidden % 128:
             raise ValueError(f"{name}[0]: FP8 hidden size must be a multiple of 128, got {hidden}")
+        # Any number of scale columns, as DeepEP (it moves them without reading them): H/128
+        # float32 usually, ceil(H/512) packed UE8M0 int32, or finer blocks.
         check_tensor(f"{name}[1] (scales)", scales, dim=2, dtypes=(torch.float32, torch.int32),
                      rows=data.size(0), contiguous=False, device=data.device)
-        want = hidden // 128 if scales.dtype == torch.float32 else hidden // 512
-        if scales.size(1) != want:
-            raise ValueError(f"{name}[1] (scales) must be [{data.size(0)}, {want}] for hidden {hidden} "
-                             f"and dtype {str(scales.dtype).replace('torch.', '')}, "
-                             f"got {tuple(scales.shape)}")
         return data, scales
     if isinstance(x, torch.Tensor) and x.dtype in FLOAT8_DTYPES:
         # The most common FP8 mistake: the scales were dropped on the way.

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .._dtypes import dense
 from ..event import EventHandle, EventOverlap
 from ..quant import pack_ue8m0, per_token_cast_back, per_token_cast_to_fp8, unpack_ue8m0
 
@@ -106,7 +107,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def hash_tensor(t: torch.Tensor) -> int:
     """Sum of the tensor's bytes read as int64-widened int32 words: equal hashes for equal bits."""
-    flat = t.contiguous().view(torch.uint8).flatten()
+    flat = dense(t).view(torch.uint8).flatten()
     pad = (-flat.numel()) % 4
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
