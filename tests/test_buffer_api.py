@@ -89,6 +89,29 @@ def test_constructor_checks(gloo_world1):
         flexep.Buffer(gloo_world1).destroy()
 
 
+def test_local_buffer_tensor(gloo_world1):
+    """DeepEP's raw views: whole buffer, byte offset, ``size``; allocated once, kept, writable
+    (vLLM zeroes the RDMA buffer before a retry); bad arguments named."""
+    buf = flexep.Buffer(gloo_world1, 1024, 4096)
+    whole = buf.get_local_buffer_tensor(torch.int8, use_rdma_buffer=True)
+    assert (whole.dtype, whole.shape, whole.device.type) == (torch.int8, (4096,), "cpu")
+    whole.fill_(7)
+    words = buf.get_local_buffer_tensor(torch.int32, offset=16, use_rdma_buffer=True)
+    assert words.numel() == (4096 - 16) // 4 and words[0].item() == 0x07070707
+    words.zero_()
+    assert whole[:16].eq(7).all() and whole[16:].eq(0).all()  # the same memory
+    nvl = buf.get_local_buffer_tensor(torch.bfloat16, size=(8, 64))
+    assert nvl.shape == (8, 64) and nvl.data_ptr() == buf.get_local_buffer_tensor(torch.uint8).data_ptr()
+    with pytest.raises(ValueError, match="size .* needs 1024 elements"):
+        buf.get_local_buffer_tensor(torch.bfloat16, size=(16, 64))
+    with pytest.raises(ValueError, match="offset must be a multiple of"):
+        buf.get_local_buffer_tensor(torch.int32, offset=2)
+    with pytest.raises(ValueError, match="past the end"):
+        buf.get_local_buffer_tensor(torch.uint8, offset=2048)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        buf.get_local_buffer_tensor("int8")
+
+
 def test_layout_on_one_rank(gloo_world1):
     buf = flexep.Buffer(gloo_world1)
     n_rank, n_rdma, n_expert, in_rank, event = buf.get_dispatch_layout(

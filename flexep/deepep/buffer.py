@@ -103,6 +103,7 @@ class Buffer(LowLatencyMethods):
         self.check_consistency, self.validate = self.comm.check_consistency, validate
         self._streams = CommStreams()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
+        self._raw_buffers: dict[str, torch.Tensor] = {}  # get_local_buffer_tensor's, on first use
         if self.low_latency_mode:
             self.comm.prepare_low_latency()
         if self.enable_shrink:
@@ -150,8 +151,37 @@ class Buffer(LowLatencyMethods):
 
     def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
                                 use_rdma_buffer: bool = False) -> torch.Tensor:
-        """Not available: flexep has no registered symmetric buffer to expose."""
-        raise NotImplementedError("flexep allocates per call and has no raw NVL/RDMA buffer to view")
+        """A 1-D ``dtype`` view of this rank's NVL buffer (or RDMA buffer with ``use_rdma_buffer``)
+        starting ``offset`` bytes in, reshaped to ``size`` when given (DeepEP's semantics).
+
+        flexep's calls never use these bytes (they allocate per call), so the buffer is memory of
+        ``num_nvl_bytes`` / ``num_rdma_bytes`` on this process's accelerator (else the CPU),
+        allocated on the first request and kept by the ``Buffer``: callers that clear or stage
+        data through it (vLLM zeroes it before a retry) keep working, and nothing else reads it.
+        """
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        C.check_int("offset", offset, minimum=0)
+        if offset > num_bytes:
+            raise ValueError(f"offset {offset} is past the end of the {num_bytes}-byte "
+                             f"{'RDMA' if use_rdma_buffer else 'NVL'} buffer")
+        element = torch.empty((), dtype=dtype).element_size()
+        if offset % element:
+            raise ValueError(f"offset must be a multiple of {dtype}'s {element} bytes, got {offset}")
+        key = "rdma" if use_rdma_buffer else "nvl"
+        raw = self._raw_buffers.get(key)
+        if raw is None:
+            raw = self._raw_buffers[key] = torch.zeros(num_bytes, dtype=torch.uint8,
+                                                       device=EventHandle().device)
+        view = raw[offset:offset + (num_bytes - offset) // element * element].view(dtype)
+        if size is None:
+            return view
+        shape = torch.Size(size)
+        if shape.numel() > view.numel():
+            raise ValueError(f"size {tuple(shape)} needs {shape.numel()} elements of {dtype}, the "
+                             f"buffer holds {view.numel()} from offset {offset}")
+        return view[:shape.numel()].view(shape)
 
     @property
     def runtime(self):
@@ -192,8 +222,8 @@ class Buffer(LowLatencyMethods):
                  allocate_on_comm_stream: bool = False):
         """Send each token to every rank holding one of its experts (DeepEP's ``dispatch``).
 
-        ``x``: ``[T, H]`` bf16/fp16/fp32/fp64 or ``(e4m3 [T, H], scales [T, H/128] float32 or
-        [T, H/512] int32)``. With ``handle`` it is a cached dispatch (no routing arguments).
+        ``x``: ``[T, H]`` bf16/fp16/fp32/fp64 or ``(e4m3 [T, H], scales [T, S] float32 or packed
+        UE8M0 int32)``, any ``S`` and strides. With ``handle`` it is a cached dispatch (no routing arguments).
         ``num_worst_tokens > 0`` gives exactly that many output rows (zero-padded), ``[]`` counts.
 
         Returns ``(recv_x [M, H] (or the FP8 tuple), recv_topk_idx [M, K] int64 local ids (-1
