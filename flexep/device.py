@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["BACKENDS", "backend_for", "device_of", "device_module", "has_streams", "current_stream",
-           "new_stream", "stream_scope", "default_device", "group_devices", "group_carries"]
+           "new_stream", "stream_scope", "default_device", "group_devices", "group_carries",
+           "setup_group_backend", "data_backend"]
 
 BACKENDS = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl", "cpu": "gloo"}
 
@@ -119,3 +120,34 @@ def group_devices(group: dist.ProcessGroup) -> set[str]:
 def group_carries(group: dist.ProcessGroup, device_type: str) -> bool:
     """Whether ``group`` can move tensors of ``device_type``."""
     return device_type in group_devices(group)
+
+
+def _backends(spec: str) -> set[str]:
+    """Backend names in a ``dist.get_backend`` string (``"cpu:gloo,cuda:nccl"`` -> gloo, nccl)."""
+    return {part.split(":")[-1].strip().lower() for part in spec.split(",") if part.strip()}
+
+
+def setup_group_backend(group_backend: str, default_backend: str) -> Optional[str]:
+    """The backend to move data with when the EP group was given for setup only, else ``None``.
+
+    DeepEP uses the group it is given only to exchange buffer handles, so frameworks may pass
+    their CPU group (vLLM's V1 managers pass ``cpu_group``, a Gloo group). When that group is
+    Gloo-only while the default group moves accelerator tensors with an accelerator's backend
+    (``nccl``, ``hccl``, ``xccl``: the process has that accelerator), the exchanges belong on
+    that backend: through Gloo they would stage through host memory and could not be captured
+    in a graph. A Gloo world (CPU runs, tests) keeps its group. Decided from the backends alone:
+    probing a device runtime here would touch CUDA on an NPU process.
+    """
+    if _backends(group_backend) != {"gloo"}:
+        return None
+    used = _backends(default_backend)
+    accelerators = [BACKENDS[kind] for kind in ("cuda", "npu", "xpu") if BACKENDS[kind] in used]
+    return accelerators[0] if len(accelerators) == 1 else None
+
+
+def data_backend(group: dist.ProcessGroup) -> Optional[str]:
+    """:func:`setup_group_backend` for ``group`` in this process."""
+    try:
+        return setup_group_backend(dist.get_backend(group), dist.get_backend())
+    except Exception:  # noqa: BLE001 - a group torch cannot describe: use it as given
+        return None

@@ -44,7 +44,7 @@ from ..comm.control import ControlPlane, Header
 from ..comm.failure import FailureDetector
 from ..comm.topology import Topology, build_topology_groups, resolve_ranks_per_node, subgroup
 from ..comm.transport import Transport
-from ..device import group_carries
+from ..device import data_backend, group_carries
 from . import checks as C
 from . import ll_agreement
 from .ll_calls import LowLatencyCalls
@@ -118,6 +118,11 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
                  label: str = "Communicator", fault_hook: Optional[Callable[[str], None]] = None) -> None:
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+        # A Gloo group handed over for setup only (DeepEP's contract allows it): data moves on a
+        # group of the accelerator's backend over the same ranks, control over the given one.
+        setup_group, native = group, data_backend(group)
+        if native is not None:
+            group = subgroup(group, list(range(group.size())), backend=native)
         self.group = group
         self.rank, self.world = group.rank(), group.size()
         num_channels, paths, timeout = 1, 1, resolve_timeout(None)
@@ -136,8 +141,12 @@ class Communicator(NormalCalls, SyncFreeCalls, LowLatencyCalls):
         self._layout_stamp: Optional[C.LayoutStamp] = None  # the last get_dispatch_layout's tensors
         # Control rows that must not touch the device go over the host; an accelerator-only
         # group cannot move CPU tensors, so it gets a Gloo side group over the same ranks.
-        self.host_group = None if group_carries(group, "cpu") else subgroup(group, list(range(self.world)),
-                                                                            backend="gloo")
+        if native is not None:
+            self.host_group = setup_group
+        elif group_carries(group, "cpu"):
+            self.host_group = None
+        else:
+            self.host_group = subgroup(group, list(range(self.world)), backend="gloo")
         try:
             rpn = resolve_ranks_per_node(group, options.ranks_per_node, self.host_group)
             self.topology = Topology(self.world, rpn)

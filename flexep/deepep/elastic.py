@@ -260,7 +260,7 @@ class EPBuffer(BufferBase, _Base):
                     num_allocated_qps, num_cpu_timeout_secs, explicitly_destroy, error, flexep)
         storage = None
         if lb_bytes:
-            storage = torch.zeros(lb_bytes, dtype=torch.uint8, device=_group_device(group))
+            storage = torch.zeros(lb_bytes, dtype=torch.uint8, device=_group_device(self.comm.group))
             if plan is not None:
                 plan.materialize(storage)
         self.runtime = Runtime(lb_storage=storage, comm=self.comm)
