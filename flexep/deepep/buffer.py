@@ -166,7 +166,7 @@ class Buffer(LowLatencyMethods):
         if offset > num_bytes:
             raise ValueError(f"offset {offset} is past the end of the {num_bytes}-byte "
                              f"{'RDMA' if use_rdma_buffer else 'NVL'} buffer")
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         if offset % element:
             raise ValueError(f"offset must be a multiple of {dtype}'s {element} bytes, got {offset}")
         key = "rdma" if use_rdma_buffer else "nvl"
