@@ -85,7 +85,7 @@ def serve(rank: int, world: int, ckpt: str, redundant: int, batch: int, steps: i
           policy: str, timeout: float) -> dict:
     ep = ElasticEP(timeout=timeout)
     ep.store.set(f"example/pid/{ep.member}", str(os.getpid()))
-    load = torch.load(os.path.join(ckpt, "expert_load.pt"))
+    load = torch.load(os.path.join(ckpt, "expert_load.pt"), weights_only=True)
     physical = CONFIG.num_experts + redundant
     contiguous = Placement.identity(CONFIG.num_experts, world)
     placement = rebalance(load, physical, world) if redundant else contiguous

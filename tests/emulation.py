@@ -95,6 +95,7 @@ import emulation_patches as patches
 import emulation_tensor as et
 import torch
 import torch.distributed as dist
+import torch.utils.backend_registration
 from emulation_core import (
     DeviceMismatchError,
     EmulationError,
@@ -111,7 +112,14 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["DeviceTensor", "DeviceMode", "Session", "emulate", "worker_session", "run_emulated",
            "host_reads", "HostReads", "expected_errors", "sync_point", "is_device_tensor",
            "EmulationError", "DeviceMismatchError", "HostReadError", "EmulationLimitError",
-           "NotOnDeviceError", "WrongDeviceModuleError", "BACKEND"]
+           "NotOnDeviceError", "WrongDeviceModuleError", "BACKEND", "SUPPORTED", "UNSUPPORTED"]
+
+# The NPU face is torch's Python privateuse1 backend; older torch releases (2.4 among them) lack
+# it and index or deserialize differently, so the harness runs on the releases that have it.
+SUPPORTED = hasattr(torch.utils.backend_registration, "_setup_privateuseone_for_python_backend")
+UNSUPPORTED = (f"the emulated accelerator needs torch's Python privateuse1 backend "
+               f"(torch.utils.backend_registration._setup_privateuseone_for_python_backend), which "
+               f"torch {torch.__version__} lacks")
 
 NotOnDeviceError = emulation_group.NotOnDeviceError
 

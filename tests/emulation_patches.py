@@ -46,14 +46,14 @@ def forward_only_cuda_functions() -> Iterator[None]:
     for its ``cuda`` outputs, which aborts the process on a CPU build: run it under ``no_grad`` and
     mark its outputs instead (as :mod:`emulation_tensor` does for every op)."""
     function = torch.autograd.Function
-    saved = function.__dict__["apply"]
-    original = saved.__func__
+    saved = function.__dict__["apply"]  # a classmethod, or a C classmethod_descriptor (torch >= 2.14)
 
     def apply(cls, *args, **kwargs):
+        original = saved.__get__(None, cls)
         if not et.cuda_history_inputs(args, kwargs):
-            return original(cls, *args, **kwargs)
+            return original(*args, **kwargs)
         with torch.no_grad():
-            return et.mark_requires_grad(original(cls, *args, **kwargs), args)
+            return et.mark_requires_grad(original(*args, **kwargs), args)
 
     function.apply = classmethod(apply)
     try:

@@ -6,6 +6,7 @@ Each check runs a fresh interpreter (the shim decides at import time).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -122,12 +123,16 @@ def test_shim_refuses_to_shadow_a_real_deepep(tmp_path, kind):
 
 @pytest.mark.slow
 def test_shim_installs_with_pip(tmp_path):
+    try:
+        setuptools_major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        setuptools_major = 0
+    if setuptools_major < 64:  # the shim's build requirement; building offline cannot fetch it
+        pytest.skip("setuptools>=64 is needed to build the shim offline")
     target = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                           "--no-index", "--quiet", "--target", str(target), SHIM],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    if pip.returncode and "setuptools" in pip.stderr:
-        pytest.skip("no setuptools to build the shim offline")
     assert pip.returncode == 0, pip.stderr[-3000:]
     assert any(p.name.startswith("flexep_deep_ep-") for p in target.iterdir())
     out = _run(CALLER.format(port=free_port()), [str(target), ROOT], tmp_path)

@@ -44,7 +44,7 @@ from flexep import checkpoint
 from flexep.quant import per_token_cast_back
 from flexep.reference import ref_combine, ref_dispatch, ref_layout, ref_ll_combine, ref_ll_dispatch
 
-pytestmark = pytest.mark.ranks
+pytestmark = [pytest.mark.ranks, pytest.mark.skipif(not em.SUPPORTED, reason=em.UNSUPPORTED)]
 
 
 # ---- the harness can fail: device rules (in this process) ---------------------------------------

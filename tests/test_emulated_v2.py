@@ -21,7 +21,7 @@ import torch
 from flexep.quant import per_token_cast_back
 from flexep.reference_v2 import align, ref_v2_combine, ref_v2_dispatch
 
-pytestmark = pytest.mark.ranks
+pytestmark = [pytest.mark.ranks, pytest.mark.skipif(not em.SUPPORTED, reason=em.UNSUPPORTED)]
 
 WORLD2 = {
     "sync_free_v25_npu": (sv.v2_calls, dict(name="sync_free_v25_npu", kind="npu")),

@@ -30,17 +30,20 @@ def all_gather_bytes(group: Optional[dist.ProcessGroup], payload: bytes,
     """
     device = device or torch.device("cpu")
     world = dist.get_world_size(group)
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    lengths = [int(s.item()) for s in sizes]
-    longest = max(lengths)
-    data = torch.zeros(longest, dtype=torch.uint8)
-    if payload:
-        data[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    data = data.to(device)
-    parts = [torch.empty_like(data) for _ in range(world)]
-    dist.all_gather(parts, data, group=group)
+    # Gloo copies gathered tensors into the outputs on its own thread, where an inference mode
+    # the caller runs under does not reach (seen with torch 2.4): outputs made here are plain tensors.
+    with torch.inference_mode(False):
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        lengths = [int(s.item()) for s in sizes]
+        longest = max(lengths)
+        data = torch.zeros(longest, dtype=torch.uint8)
+        if payload:
+            data[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        data = data.to(device)
+        parts = [torch.empty_like(data) for _ in range(world)]
+        dist.all_gather(parts, data, group=group)
     return [_to_bytes(p[:n]) for p, n in zip(parts, lengths)]
 
 

@@ -144,7 +144,7 @@ def _routing(args):
         if not args.recorded:
             raise ValueError("--routing recorded needs --recorded FILE (a torch.save'd topk_idx)")
         import torch
-        recorded = torch.load(args.recorded)
+        recorded = torch.load(args.recorded, weights_only=True)  # a tensor: no code runs on load
     return Routing(args.routing, zipf_s=args.zipf_s, groups=args.groups,
                    masked_slots=args.masked_slots, recorded=recorded)
 
