@@ -100,3 +100,14 @@ def test_every_module_imports():
         except Exception as exc:  # noqa: BLE001 - reported below with the module name
             failures.append(f"{info.name}: {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def test_installed_version_is_the_package_version():
+    """pip's metadata and ``flexep.__version__`` come from one place (pyproject reads the
+    attribute), so a bug report names the release that is installed."""
+    metadata = pytest.importorskip("importlib.metadata")
+    try:
+        installed = metadata.version("flexep")
+    except metadata.PackageNotFoundError:
+        pytest.skip("flexep is imported from a source tree, not installed")
+    assert installed == flexep.__version__
