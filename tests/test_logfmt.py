@@ -128,6 +128,33 @@ def test_divisions_deepep_sends_raw():
     assert not torch.isnan(dec[5]).any()
 
 
+def test_zeros_do_not_widen_the_grid_of_raw_divisions():
+    """A division DeepEP sends raw keeps its precision when it holds zeros: its grid starts at the
+    smallest non-zero magnitude (a castable one keeps DeepEP's ``Lmax - 32``), zeros stay zero, and
+    constant non-zero magnitudes with zeros come back exactly."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(3, 128, generator=g) * 1.45 + 0.05  # |x| in [0.05, 1.5]: not castable
+    base[0, ::5] = 0.0
+    base[1] = 1.25
+    base[1, ::4] = 0.0
+    base[1, 1::4] = -1.25  # constant non-zero magnitude >= 1, with zeros: not castable
+    base[2] = base[2] * 0.5  # every |x| < 1, with a zero: castable, DeepEP's clip
+    base[2, 3] = 0.0
+    x = base.to(torch.bfloat16).view(1, -1)
+    enc = logfmt.encode(x)
+    dec = logfmt.decode(enc, 384).view(3, 128)
+    ref = x.float().view(3, 128)
+    assert torch.equal(dec[ref == 0], ref[ref == 0])
+    nonzero = ref[0] != 0
+    tight = torch.log2(ref[0, nonzero].abs().max() / ref[0, nonzero].abs().min()) / 510
+    assert ((dec[0] - ref[0]).abs() <= (2 ** (tight / 2) - 1) * ref[0].abs() * 1.0001).all()
+    assert torch.equal(dec[1], ref[1])
+    meta = enc[0, :12].view(torch.bfloat16).view(3, 2)  # (amax, amin) per division
+    assert meta[0, 1] == x.view(3, 128)[0][nonzero].abs().min() and meta[2, 1] == 0
+    rel = ((dec[2] - ref[2]).abs() / ref[2].abs())[ref[2] != 0]
+    assert rel.max() > 2 ** (tight / 2) - 1  # castable: the wide grid, as DeepEP codes it
+
+
 def test_encode_checks_its_input():
     with pytest.raises(TypeError, match="bfloat16"):
         logfmt.encode(torch.zeros(1, 128))

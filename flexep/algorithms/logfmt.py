@@ -21,9 +21,12 @@ shapes (no host read), so its rows have one fixed size, DeepEP's all-cast size
 encoded in the same bits:
 
 * all zero: every code 0 (exact, signs kept);
-* constant magnitude (``amin == amax``): code 511 decodes to ``amax`` itself (exact);
-* some ``|x| >= 1``: the formula above (any ``Lmax`` works), with the same relative error as a
-  castable division of that dynamic range, where DeepEP would send the stage losslessly;
+* for all of these, the metadata's ``amin`` is the smallest *non-zero* magnitude (zeros still
+  code 0), so a zero does not widen the grid to ``Lmax - 32``;
+* constant non-zero magnitude (``amin == amax``): code 511 decodes to ``amax`` itself (exact);
+* some ``|x| >= 1``: the formula above (any ``Lmax`` works) on that tightest grid, with the
+  relative error of a castable division of that dynamic range, where DeepEP would send the
+  stage losslessly;
 * an Inf or NaN: the division's ``amax`` is stored as NaN and every value of it decodes to NaN
   (DeepEP sends Inf losslessly and turns NaN inside a castable stage into 0).
 
@@ -63,14 +66,18 @@ def _check_hidden(hidden: int) -> None:
 
 def _magnitudes(x: torch.Tensor):
     """``(a float32 [N, D, 128], sign int64 [N, D, 128], amax bf16 [N, D], amin bf16 [N, D],
-    nonfinite bool [N, D])`` of BF16 rows ``x: [N, H]``."""
+    amin_nonzero bf16 [N, D], nonfinite bool [N, D])`` of BF16 rows ``x: [N, H]``
+    (``amin_nonzero`` is 0 for an all-zero division)."""
     n, hidden = x.shape
     bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
     sign = (bits >> 15).to(torch.int64).view(n, -1, DIVISION)
     mag_bits = (bits & 0x7FFF).to(torch.int16)
     mag = mag_bits.view(torch.bfloat16).view(n, -1, DIVISION)
     nonfinite = (mag_bits.view(n, -1, DIVISION) >= 0x7F80).any(-1)
-    return mag.float(), sign, mag.amax(-1), mag.amin(-1), nonfinite
+    amax = mag.amax(-1)
+    amin_nonzero = mag.masked_fill(mag == 0, float("inf")).amin(-1)
+    amin_nonzero = torch.where(amax == 0, amax, amin_nonzero)
+    return mag.float(), sign, amax, mag.amin(-1), amin_nonzero, nonfinite
 
 
 def division_stats(amax: torch.Tensor, amin: torch.Tensor):
@@ -95,7 +102,10 @@ def encode(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"LogFMT encodes bfloat16 rows, got {x.dtype}")
     n, hidden = x.shape
     _check_hidden(hidden)
-    a, sign, amax, amin, nonfinite = _magnitudes(x)
+    a, sign, amax, amin, amin_nonzero, nonfinite = _magnitudes(x)
+    # Divisions DeepEP would send raw get the tightest grid: from the smallest non-zero magnitude
+    # (zeros still code 0) instead of the Lmax - 32 a zero forces.
+    amin = torch.where(castable(amax, amin), amin, amin_nonzero)
     constant = (amin == amax) & (amax > 0)
     degenerate = nonfinite | constant | (amax == 0)
     # Degenerate divisions go through the formula with harmless stand-ins, then are overridden.
@@ -109,7 +119,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     # sum in float64, one rounding to float32, then floor.
     t = (torch.log2(a).double() * step_inv.double().unsqueeze(-1) + fused.double().unsqueeze(-1)).float()
     code = torch.floor(torch.clamp_min(t, 0.0)).to(torch.int64)
-    code = torch.where(constant.unsqueeze(-1), 511, code)
+    code = torch.where(constant.unsqueeze(-1) & (a > 0), 511, code)
     code = torch.where((nonfinite | (amax == 0)).unsqueeze(-1), 0, code)
     meta_max = torch.where(nonfinite, torch.full_like(amax, float("nan")), amax)
     meta = (meta_max.view(torch.int16).to(torch.int64) & 0xFFFF) | \
