@@ -372,13 +372,15 @@ def _channels(s: torch.Tensor, r: torch.Tensor, send_counts: list, recv_counts: 
         for c, g in enumerate(lanes):
             lo, hi = recv_cut[c], recv_cut[c + 1]
             if hi > lo:
-                work = _PointToPoint(_irecv(r[r_off[i] + lo:r_off[i] + hi], g, i))
+                work = _PointToPoint(dist.irecv(r[r_off[i] + lo:r_off[i] + hi], group=g,
+                                                **_peer(g, i, "src")))
                 works.append(work)
                 if timed is not None:
                     timed.append((work, members[i], c, (hi - lo) * row_bytes))
             lo, hi = send_cut[c], send_cut[c + 1]
             if hi > lo:
-                works.append(_PointToPoint(_isend(s[s_off[i] + lo:s_off[i] + hi], g, i)))
+                works.append(_PointToPoint(dist.isend(s[s_off[i] + lo:s_off[i] + hi], group=g,
+                                                      **_peer(g, i, "dst"))))
     return works
 
 
@@ -387,16 +389,11 @@ def _channels(s: torch.Tensor, r: torch.Tensor, send_counts: list, recv_counts: 
 _GROUP_PEER = "group_src" in inspect.signature(dist.irecv).parameters
 
 
-def _irecv(tensor: torch.Tensor, group, peer: int):
+def _peer(group, peer: int, role: str) -> dict:
+    """The keyword naming group rank ``peer`` as ``role`` (``"src"``/``"dst"``) of ``irecv``/``isend``."""
     if _GROUP_PEER:
-        return dist.irecv(tensor, group=group, group_src=peer)
-    return dist.irecv(tensor, src=dist.get_global_rank(group, peer), group=group)
-
-
-def _isend(tensor: torch.Tensor, group, peer: int):
-    if _GROUP_PEER:
-        return dist.isend(tensor, group=group, group_dst=peer)
-    return dist.isend(tensor, dst=dist.get_global_rank(group, peer), group=group)
+        return {"group_" + role: peer}
+    return {role: dist.get_global_rank(group, peer)}
 
 
 def _offsets(counts: Sequence[int]) -> list[int]:
